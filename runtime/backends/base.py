@@ -1,0 +1,51 @@
+"""The backend-neutral session protocol that ONNX Runtime and TensorRT both implement."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+
+Provider = Literal["cpu", "cuda", "tensorrt"]
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """How graphs are executed."""
+
+    provider: Provider = "cpu"
+    """Execution provider; "cpu" (ONNX Runtime CPU) is the embedded default."""
+    intra_op_threads: int = 0
+    """Threads inside one operator; 0 lets ONNX Runtime choose (all physical cores)."""
+    inter_op_threads: int = 1
+    optimized_cache_dir: Path | None = None
+    """Where graph-optimised models are cached on disk (None: next to the graph, in .ort-cache/)."""
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class Session(Protocol):
+    """One loaded graph. ``run`` returns fresh arrays the caller owns."""
+
+    @property
+    def input_names(self) -> list[str]: ...
+
+    @property
+    def output_names(self) -> list[str]: ...
+
+    @property
+    def providers(self) -> list[str]: ...
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
+
+
+def open_session(path: Path, config: BackendConfig) -> Session:
+    """Open ``path`` with the backend the config names."""
+    if config.provider == "tensorrt" and path.suffix in (".engine", ".plan"):
+        from runtime.backends.tensorrt import TensorRTSession
+
+        return TensorRTSession(path, config)
+    from runtime.backends.ort import OrtSession
+
+    return OrtSession(path, config)

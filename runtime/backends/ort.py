@@ -1,0 +1,76 @@
+"""ONNX Runtime implementation of the session protocol."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.backends.base import BackendConfig
+
+log = logging.getLogger(__name__)
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class OrtSession:
+    """A graph on ONNX Runtime; the providers actually in use are confirmed and logged."""
+
+    def __init__(self, path: Path, config: BackendConfig) -> None:
+        path = Path(path)
+        wanted = _PROVIDERS[config.provider]
+        available = set(ort.get_available_providers())
+        providers = [p for p in wanted if p in available]
+        if wanted[0] not in available:
+            log.warning("%s requested but not available in this onnxruntime build; using %s", wanted[0], providers)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = config.intra_op_threads
+        options.inter_op_num_threads = config.inter_op_threads
+        options.graph_optimization_level = _LEVELS[config.graph_optimization]
+        options.log_severity_level = 3
+        cache_dir = config.optimized_cache_dir or path.parent / ".ort-cache"
+        cached = cache_dir / f"{path.stem}.{config.provider}.{config.graph_optimization}.onnx"
+        source = path
+        if config.graph_optimization != "disable" and config.provider == "cpu":
+            if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+                source = cached
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            else:
+                try:
+                    cache_dir.mkdir(parents=True, exist_ok=True)
+                    options.optimized_model_filepath = str(cached)
+                except OSError:
+                    log.info("optimised-model cache %s is not writable; optimising in memory", cache_dir)
+        self._session = ort.InferenceSession(str(source), sess_options=options, providers=providers)
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._outputs = [o.name for o in self._session.get_outputs()]
+        log.info("loaded %s on %s", path.name, self._session.get_providers())
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self._outputs
+        values = self._session.run(names, feeds)
+        return dict(zip(names, values))
