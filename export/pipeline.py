@@ -1,0 +1,185 @@
+"""`unimp export` and `unimp validate`: checkpoint directory -> validated ONNX graphs + manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from export.checkpoints import build_demo_checkpoint, load_checkpoint
+from export.graphs import export_graph, graph_entry, validate_graph
+from export.specs import all_specs
+from runtime.manifest import (
+    SCHEMA_VERSION,
+    DecoderDims,
+    DecoderNames,
+    GraphEntry,
+    Manifest,
+    TokenIds,
+    VisionDims,
+    load_manifest,
+    sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("unimp-edge", "torch", "onnx", "onnxruntime", "transformers", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_checkpoint(
+    ckpt: Path, out: Path, progress: bool = True, source: dict[str, Any] | None = None, diffusion: Path | None = None
+) -> Manifest:
+    """Load ``ckpt`` (checkpoint directory layout), export and validate every graph, write the manifest."""
+    ckpt, out = Path(ckpt), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    steps = tqdm(total=6, desc="export", unit="step", disable=not progress)
+    steps.set_postfix_str("loading checkpoint")
+    loaded = load_checkpoint(ckpt)
+    model, vocab = loaded.model, loaded.vocab
+    params = sum(p.numel() for p in model.parameters())
+    log.info("model has %.1fM parameters", params / 1e6)
+    steps.update()
+
+    names = DecoderNames()
+    graphs: dict[str, GraphEntry] = {}
+    report: dict[str, Any] = {}
+    for spec in all_specs(model, names):
+        rel = f"{spec.name}.onnx"
+        steps.set_postfix_str(f"exporting {spec.name}")
+        t0 = time.perf_counter()
+        export_graph(spec, out / rel)
+        t1 = time.perf_counter()
+        report[spec.name] = validate_graph(spec, out / rel)
+        report[spec.name]["export_s"] = round(t1 - t0, 2)
+        graphs[spec.name] = graph_entry(spec, out, rel)
+        steps.update()
+
+    steps.set_postfix_str("tokenizer and catalog")
+    loaded.tokenizer.save(str(out / "tokenizer.json"))
+    if (out / "catalog").resolve() != (ckpt / "catalog").resolve():
+        shutil.copytree(ckpt / "catalog", out / "catalog", dirs_exist_ok=True)
+    files = {"tokenizer.json": sha256_file(out / "tokenizer.json")}
+    for path in sorted((out / "catalog").rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            files[str(path.relative_to(out))] = sha256_file(path)
+    diffusion_meta: dict[str, Any] = {}
+    if diffusion is not None:
+        from export.diffusion import export_diffusion
+
+        steps.set_postfix_str("exporting diffusion")
+        diffusion_graphs, diffusion_meta, diffusion_files = export_diffusion(diffusion, out, progress=progress)
+        graphs.update(diffusion_graphs)
+        files.update(diffusion_files)
+    steps.update()
+
+    cfg = model.cfg
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_name=str(loaded.meta.get("name", ckpt.name)),
+        vision=VisionDims(
+            image_size=cfg.vision.image_size,
+            patch_size=cfg.vision.patch_size,
+            width=cfg.vision.width,
+            num_latents=cfg.perceiver.num_latents,
+            mean=[0.48145466, 0.4578275, 0.40821073],
+            std=[0.26862954, 0.26130258, 0.27577711],
+        ),
+        decoder=DecoderDims(
+            num_layers=cfg.lm.num_hidden_layers,
+            hidden_size=cfg.lm.hidden_size,
+            num_heads=cfg.lm.num_attention_heads,
+            head_dim=cfg.lm.head_dim,
+            vocab_size=cfg.lm.vocab_size,
+            max_positions=cfg.lm.max_position_embeddings,
+            xattn_layers=cfg.lm.xattn_layers,
+            xattn_heads=cfg.lm.xattn_heads,
+            xattn_head_dim=cfg.lm.xattn_dim_head,
+        ),
+        tokens=TokenIds(
+            bos=vocab.bos,
+            eos=vocab.eos,
+            pad=vocab.pad,
+            image=vocab.image,
+            endofchunk=vocab.endofchunk,
+            answer=vocab.answer,
+            rates=vocab.rates,
+            selections=vocab.selections,
+            item_start=vocab.item_start,
+            item_count=vocab.item_count,
+            image_codes_start=vocab.image_codes_start,
+        ),
+        graphs=graphs,
+        files=files,
+        names=names,
+        exporter=_versions(),
+        source={
+            "checkpoint": os.path.relpath(ckpt.resolve(), out.resolve()),
+            "parameters": params,
+            "config": cfg.to_dict(),
+            "validation": report,
+            **(source or {}),
+        },
+        diffusion=diffusion_meta,
+    )
+    manifest.save(out)
+    steps.set_postfix_str("done")
+    steps.update()
+    steps.close()
+    return manifest
+
+
+def export_demo(preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True) -> Manifest:
+    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``."""
+    out = Path(out)
+    ckpt = out / "checkpoint"
+    if progress:
+        print(f"building the {preset} demo checkpoint in {ckpt} ...", flush=True)
+    build_demo_checkpoint(ckpt, preset, seed=seed)
+    diffusion_dir = None
+    if with_diffusion:
+        try:
+            from export.diffusion import build_demo_diffusion
+        except ImportError:  # diffusers not installed: the text tasks still export
+            log.warning("diffusers is not installed; the demo is exported without image generation")
+        else:
+            diffusion_dir = build_demo_diffusion(ckpt / "diffusion", seed=seed)
+    return export_checkpoint(ckpt, out, progress=progress, source={"demo": preset, "seed": seed}, diffusion=diffusion_dir)
+
+
+def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:
+    """Re-run every decoder-side graph against the PyTorch reference rebuilt from the source checkpoint."""
+    directory = Path(directory)
+    manifest = load_manifest(directory, verify=True)
+    ckpt = checkpoint or (directory / manifest.source["checkpoint"])
+    loaded = load_checkpoint(ckpt)
+    result: dict[str, Any] = {"artifacts": str(directory), "checkpoint": str(ckpt), "graphs": {}}
+    for spec in all_specs(loaded.model, manifest.names):
+        entry = manifest.graphs[spec.name]
+        result["graphs"][spec.name] = validate_graph(spec, directory / entry.file)
+    if any(k in manifest.graphs for k in ("unet", "text_encoder", "vae_decoder")):
+        from export.diffusion import validate_diffusion
+
+        result["graphs"].update(validate_diffusion(directory, manifest, ckpt / "diffusion"))
+    result["ok"] = True
+    return result
+
+
+def dump_report(report: dict[str, Any]) -> str:
+    return json.dumps(report, indent=2, sort_keys=True)

@@ -1,0 +1,206 @@
+"""One spec per exported graph: export wrapper, I/O names with symbolic dims, sample inputs, profiles, tolerance.
+
+The decoder contract (names in runtime.manifest.DecoderNames):
+
+* ``media_kv``: media latents (N, n, Dv) -> per cross-attention block K, V (N, h, n, dh). Run once per image
+  (never per decode step or per beam); the runtime concatenates a sequence's images along the key axis.
+* ``decoder``: input_ids / position_ids / text_time (B, T), attention_mask (B, P+T), per layer past K, V
+  (B, H, P, hd), per block cross-attention K, V (B, h, S, dh) -> last-position logits (B, V) and per layer
+  present K, V (B, H, P+T, hd). ``text_time`` picks, per token, the 1-based image whose latents it sees
+  (0 = none). Prefill passes all of a row's images (S = M * n); decode passes the row's last image (S = n)
+  with text_time 1 (0 for rows without images), so one call advances rows with different past lengths and
+  image counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from export.modeling.model import UniMP
+from runtime.manifest import DecoderNames, TensorSpec
+
+Shapes = dict[str, int]
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    sample: Callable[[Shapes], dict[str, torch.Tensor]]
+    """Builds inputs for given symbolic sizes (export uses ``export_dims``; validation several sets)."""
+    export_dims: Shapes
+    validation_dims: list[Shapes]
+    profiles: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes: dict[str, dict[int, str]] = {}
+        for spec in self.inputs + self.outputs:
+            dyn = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+            if dyn:
+                axes[spec.name] = dyn
+        return axes
+
+
+def _profile(spec: TensorSpec, lo: Shapes, opt: Shapes, hi: Shapes) -> dict[str, list[int]]:
+    def concrete(dims: Shapes) -> list[int]:
+        return [d if isinstance(d, int) else _eval(d, dims) for d in spec.shape]
+
+    return {"min": concrete(lo), "opt": concrete(opt), "max": concrete(hi)}
+
+
+def _eval(symbol: str, dims: Shapes) -> int:
+    if "+" in symbol:
+        return sum(dims[s.strip()] for s in symbol.split("+"))
+    if "*" in symbol:
+        a, b = (s.strip() for s in symbol.split("*"))
+        return dims[a] * (int(b) if b.isdigit() else dims[b])
+    return dims[symbol]
+
+
+class _Vision(nn.Module):
+    def __init__(self, model: UniMP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_images(pixel_values)
+
+
+class _MediaKV(nn.Module):
+    def __init__(self, model: UniMP) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, media_latents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t for kv in self.model.lm.media_memory(media_latents) for t in kv)
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: UniMP) -> None:
+        super().__init__()
+        self.model = model
+        self.layers = model.cfg.lm.num_hidden_layers
+        self.blocks = len(model.cfg.lm.xattn_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_time: torch.Tensor,
+        *caches: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n = 2 * self.layers
+        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.layers)]
+        memory = [(caches[n + 2 * j], caches[n + 2 * j + 1]) for j in range(self.blocks)]
+        hidden, presents = self.model.lm(input_ids, position_ids, attention_mask, text_time, past, memory)
+        logits = self.model.lm.logits(hidden[:, -1])  # (B, V): only the last position is ever sampled
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def vision_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
+    v = model.cfg.vision
+    n, dv = model.num_latents, v.width
+    pix = TensorSpec(names.pixel_values, "float32", ["images", 3, v.image_size, v.image_size])
+    out = TensorSpec(names.media_latents, "float32", ["images", n, dv])
+
+    def sample(d: Shapes) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(d["images"])
+        return {pix.name: torch.randn(d["images"], 3, v.image_size, v.image_size, generator=g)}
+
+    lo, opt, hi = {"images": 1}, {"images": 4}, {"images": 32}
+    return GraphSpec(
+        "vision", _Vision(model), [pix], [out], sample, {"images": 2}, [{"images": 3}, {"images": 1}],
+        profiles={pix.name: _profile(pix, lo, opt, hi)}, atol=1e-4, rtol=1e-3,
+    )
+
+
+def media_kv_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
+    c = model.cfg.lm
+    n, dv = model.num_latents, model.cfg.vision.width
+    lat = TensorSpec(names.media_latents, "float32", ["images", n, dv])
+    outs = []
+    for j in range(len(c.xattn_layers)):
+        for tmpl in (names.xattn_key, names.xattn_value):
+            outs.append(TensorSpec(tmpl.format(block=j), "float32", ["images", c.xattn_heads, n, c.xattn_dim_head]))
+
+    def sample(d: Shapes) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(10 + d["images"])
+        return {lat.name: torch.randn(d["images"], n, dv, generator=g)}
+
+    lo, opt, hi = {"images": 1}, {"images": 4}, {"images": 32}
+    return GraphSpec(
+        "media_kv", _MediaKV(model), [lat], outs, sample, {"images": 2}, [{"images": 5}, {"images": 1}],
+        profiles={lat.name: _profile(lat, lo, opt, hi)}, atol=1e-5, rtol=1e-4,
+    )
+
+
+def decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
+    c = model.cfg.lm
+    n = model.num_latents
+    hd, h = c.head_dim, c.num_attention_heads
+    ids = TensorSpec(names.input_ids, "int64", ["batch", "seq"])
+    pos = TensorSpec(names.position_ids, "int64", ["batch", "seq"])
+    mask = TensorSpec(names.attention_mask, "int64", ["batch", "past+seq"])
+    ttime = TensorSpec(names.text_time, "int64", ["batch", "seq"])
+    past, present, memory = [], [], []
+    for i in range(c.num_hidden_layers):
+        for tmpl in (names.past_key, names.past_value):
+            past.append(TensorSpec(tmpl.format(layer=i), "float32", ["batch", h, "past", hd]))
+        for tmpl in (names.present_key, names.present_value):
+            present.append(TensorSpec(tmpl.format(layer=i), "float32", ["batch", h, "past+seq", hd]))
+    for j in range(len(c.xattn_layers)):
+        for tmpl in (names.xattn_key, names.xattn_value):
+            memory.append(TensorSpec(tmpl.format(block=j), "float32", ["batch", c.xattn_heads, "media", c.xattn_dim_head]))
+    logits = TensorSpec(names.logits, "float32", ["batch", c.vocab_size])
+
+    def sample(d: Shapes) -> dict[str, torch.Tensor]:
+        b, t, p, m = d["batch"], d["seq"], d["past"], d["media"]
+        g = torch.Generator().manual_seed(b * 1000 + t * 100 + p)
+        feeds: dict[str, torch.Tensor] = {
+            ids.name: torch.randint(0, c.vocab_size, (b, t), generator=g),
+            pos.name: (torch.arange(t) + p).expand(b, t).contiguous(),
+            mask.name: torch.ones(b, p + t, dtype=torch.int64),
+            ttime.name: torch.randint(0, m // n + 1, (b, t), generator=g),
+        }
+        if b > 1 and p + t > 2:
+            feeds[mask.name][1, :2] = 0  # a left-padded row
+        for spec in past:
+            feeds[spec.name] = torch.randn(b, h, p, hd, generator=g)
+        for spec in memory:
+            feeds[spec.name] = torch.randn(b, c.xattn_heads, m, c.xattn_dim_head, generator=g)
+        return feeds
+
+    dims_lo = {"batch": 1, "seq": 1, "past": 0, "media": n}
+    dims_opt = {"batch": 4, "seq": 1, "past": 256, "media": n}
+    dims_hi = {"batch": 16, "seq": c.max_position_embeddings, "past": c.max_position_embeddings, "media": 8 * n}
+    profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, pos, mask, ttime, *past, *memory]}
+    return GraphSpec(
+        "decoder",
+        _Decoder(model),
+        [ids, pos, mask, ttime, *past, *memory],
+        [logits, *present],
+        sample,
+        {"batch": 2, "seq": 5, "past": 3, "media": 2 * n},
+        [
+            {"batch": 3, "seq": 7, "past": 0, "media": 3 * n},  # prefill, several images
+            {"batch": 4, "seq": 1, "past": 9, "media": n},  # decode step
+            {"batch": 1, "seq": 1, "past": 1, "media": n},
+        ],
+        profiles=profiles,
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+def all_specs(model: UniMP, names: DecoderNames) -> list[GraphSpec]:
+    return [vision_spec(model, names), media_kv_spec(model, names), decoder_spec(model, names)]

@@ -1,0 +1,119 @@
+"""The ``unimp`` command: export, validate, serve, client, bench.
+
+``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
+``client`` start fast and never load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _export(args: argparse.Namespace) -> int:
+    try:
+        from export.pipeline import export_checkpoint, export_demo
+    except ImportError as exc:
+        print(f"unimp export needs the export extra (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
+        return 2
+    from export.checkpoints import CheckpointError
+
+    try:
+        if args.demo:
+            manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
+                                   with_diffusion=not args.no_diffusion)
+        else:
+            manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
+                                         diffusion=args.diffusion)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    params = manifest.source.get("parameters", 0)
+    print(f"exported {manifest.model_name} ({params / 1e6:.1f}M parameters) to {args.out}")
+    for name, entry in manifest.graphs.items():
+        val = manifest.source.get("validation", {}).get(name, {})
+        err = val.get("max_abs_error")
+        print(f"  {name:<13} {entry.file:<28} max abs error vs PyTorch: {err if err is not None else 'n/a'}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    try:
+        from export.pipeline import dump_report, validate_artifacts
+    except ImportError as exc:
+        print(f"unimp validate needs the export extra (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
+        return 2
+    from runtime.manifest import ManifestError
+
+    try:
+        report = validate_artifacts(args.artifacts, args.checkpoint)
+    except (ManifestError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(dump_report(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a checkpoint (or a seeded demo) to validated ONNX graphs + manifest")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", choices=["tiny", "small"], help="build a seeded demo checkpoint and export it")
+    src.add_argument("--checkpoint", type=Path, help="checkpoint directory (see README: Checkpoint directory)")
+    p.add_argument("--out", type=Path, required=True, help="artifacts directory to write")
+    p.add_argument("--diffusion", type=Path, default=None,
+                   help="diffusers-format directory to export for image generation (with --checkpoint)")
+    p.add_argument("--no-diffusion", action="store_true", help="with --demo: skip the demo diffusion model")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer and catalog")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("validate", help="re-run every graph against the PyTorch reference; print a JSON report")
+    p.add_argument("artifacts", type=Path, help="artifacts directory written by `unimp export`")
+    p.add_argument("--checkpoint", type=Path, default=None, help="source checkpoint (default: the one in the manifest)")
+    p.set_defaults(func=_validate)
+
+    try:
+        from runtime.server.cli_commands import (
+            add_client_arguments,
+            add_serve_arguments,
+            run_client,
+            run_serve,
+        )
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("serve", help="serve the artifacts over gRPC")
+        add_serve_arguments(p)
+        p.set_defaults(func=run_serve)
+        p = sub.add_parser("client", help="call the server")
+        add_client_arguments(p)
+        p.set_defaults(func=run_client)
+
+    try:
+        from benchmarks.cli import add_bench_arguments, run_bench
+    except ImportError:
+        pass
+    else:
+        p = sub.add_parser("bench", help="benchmarks: per-stage latency, baselines, load, memory")
+        add_bench_arguments(p)
+        p.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
