@@ -1,0 +1,29 @@
+"""Shared fixtures: one tiny demo export per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo exported once (text graphs only); reused by every test that needs artifacts."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_artifacts: Path):  # type: ignore[no-untyped-def]
+    """The PyTorch reference model of the tiny demo (loaded from its checkpoint directory)."""
+    import torch
+
+    from export.checkpoints import load_checkpoint
+
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    return load_checkpoint(tiny_artifacts / "checkpoint")
