@@ -1,0 +1,454 @@
+"""``Runtime``: every UniMP text task served from the exported graphs (implements runtime.api.Engine).
+
+Request path: resolve the history against the catalog -> build the UniMP prompt -> media latents (cached
+for catalog items, encoded for inline images) -> cross-attention K/V once per image -> prefix-cache lookup
+-> prefill -> a decoding strategy (item-slice top-k, beam search, rating distribution, streamed text),
+whose decode steps are batched with other requests' by the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from runtime.api import ImageProgress, ImageRequest, ImageResult
+from runtime.backends import BackendConfig, open_session
+from runtime.catalog import Catalog
+from runtime.decoder.kv_cache import PrefixCache, RowState, prefix_key
+from runtime.decoder.runner import DecoderRunner, PrefillRow, prefix_entry
+from runtime.decoding.beam import BeamSearchConfig, beam_search
+from runtime.decoding.detokenize import IncrementalDetokenizer
+from runtime.decoding.itemslice import admissible_items, item_topk, rating_distribution, select_candidates
+from runtime.decoding.sampling import SamplingConfig, TokenGenerator
+from runtime.manifest import Manifest, load_manifest
+from runtime.prompts import (
+    EncodedPrompt,
+    Prompt,
+    ResolvedItem,
+    encode,
+    history_from_request,
+    preference_prompt,
+    recommendation_prompt,
+    search_prompt,
+    selection_prompt,
+)
+from runtime.scheduler import DecodeScheduler, Slot, check_cancel
+from runtime.types import (
+    BeamOptions,
+    CancelToken,
+    DecodeMode,
+    HistoryItem,
+    InvalidRequest,
+    ItemFilter,
+    ItemMeta,
+    PreferenceRequest,
+    PreferenceResult,
+    RecommendRequest,
+    RecommendResult,
+    ScoredItem,
+    SearchRequest,
+    SelectRequest,
+    SelectResult,
+    TextPiece,
+    Timings,
+    Unavailable,
+)
+from runtime.vision import LatentStore, VisionEncoder, preprocess
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 1000
+MAX_NEW_TOKENS = 512
+MAX_BEAMS = 16
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    state_dir: Path | None = None
+    """Where catalog edits persist (SQLite); None keeps them in memory."""
+    latent_cache_dir: Path | None = None
+    """Memory-mapped catalog latents; None: <artifacts>/.cache/latents."""
+    prefix_cache_bytes: int = 256 << 20
+    """Byte budget of the prompt-prefix KV cache (LRU)."""
+    max_active: int = 8
+    """Sequences decoding at once (continuous batching width)."""
+    max_queued: int = 32
+    """Requests waiting for a decode slot before new ones are refused (Overloaded)."""
+    max_history: int = 4
+    """History items in a prompt (UniMP evaluates with the last 4)."""
+    progress: bool = True
+
+
+@dataclass
+class _Prefilled:
+    logits: np.ndarray
+    """(V,) last-position logits."""
+    state: RowState
+    prompt: Prompt
+    vision_s: float
+    prefill_s: float
+    hit: bool
+
+
+class Runtime:
+    """The serving engine. Thread-safe: the gRPC server calls it from a thread pool."""
+
+    def __init__(self, root: Path, manifest: Manifest, config: RuntimeConfig) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.config = config
+        backend = config.backend
+        graphs = manifest.graphs
+        self.tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
+        self.vision = VisionEncoder(open_session(root / graphs["vision"].file, backend), manifest)
+        self.runner = DecoderRunner(
+            open_session(root / graphs["decoder"].file, backend),
+            open_session(root / graphs["media_kv"].file, backend),
+            manifest,
+        )
+        self._catalog = Catalog(root, manifest, state_dir=config.state_dir)
+        cache_dir = config.latent_cache_dir or root / ".cache" / "latents"
+        self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, progress=config.progress)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
+        self.scheduler = DecodeScheduler(self.runner, config.max_active, config.max_queued)
+        self._diffusion = None
+        if "unet" in graphs:
+            from runtime.diffusion.pipeline import DiffusionPipeline
+
+            self._diffusion = DiffusionPipeline.from_artifacts(root, manifest, lambda p: open_session(p, backend))
+        t = manifest.tokens
+        self._banned = np.array([t.image, t.answer, t.pad], np.int64)
+        self.requests = 0
+
+    @classmethod
+    def open(cls, artifacts: str | Path, config: RuntimeConfig | None = None) -> Runtime:
+        root = Path(artifacts)
+        manifest = load_manifest(root, verify=True)
+        return cls(root, manifest, config or RuntimeConfig())
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._catalog
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def stats(self) -> dict[str, float]:
+        pc = self.prefix_cache
+        return {
+            "kv_bytes": float(self.scheduler.kv_bytes),
+            "prefix_cache_bytes": float(pc.bytes),
+            "prefix_cache_entries": float(len(pc)),
+            "prefix_cache_hits": float(pc.hits),
+            "prefix_cache_misses": float(pc.misses),
+            "prefix_cache_hit_rate": pc.hit_rate,
+            "queue_depth": float(self.scheduler.queue_depth),
+            "active_sequences": float(self.scheduler.active),
+            "decode_steps": float(self.scheduler.steps),
+            "decode_rows": float(self.scheduler.batched_rows),
+        }
+
+    # -- request plumbing -------------------------------------------------------------------------------
+    def _resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
+        out = []
+        for k, item in enumerate(items):
+            if not item.item_id and not item.image:
+                raise InvalidRequest(f"{name}[{k}] needs an item_id or an inline image", field=f"{name}[{k}]")
+            meta, token = item.meta, -1
+            if item.item_id:
+                try:
+                    entry = self._catalog.get(item.item_id)
+                except Exception as exc:
+                    raise type(exc)(f"{name}[{k}].item_id {item.item_id!r} is not in the catalog", field=f"{name}[{k}].item_id") from exc  # type: ignore[call-arg]
+                meta = meta or entry.meta
+                token = entry.token
+                if not item.image and not entry.has_image:
+                    raise InvalidRequest(f"{name}[{k}]: catalog item {item.item_id!r} has no image", field=f"{name}[{k}].image")
+            out.append(ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation))
+        return tuple(out)
+
+    def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
+        """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
+        t0 = time.perf_counter()
+        n, dv = self.manifest.vision.num_latents, self.manifest.vision.width
+        out = np.zeros((len(images), n, dv), np.float32)
+        catalog_rows = [i for i, it in enumerate(images) if not it.image]
+        inline_rows = [i for i, it in enumerate(images) if it.image]
+        if catalog_rows:
+            out[catalog_rows] = self.latents.get([images[i].item_id for i in catalog_rows])
+        if inline_rows:
+            v = self.manifest.vision
+            pixels = preprocess([images[i].image for i in inline_rows], v.image_size, v.mean, v.std)
+            out[inline_rows] = self.vision.encode(pixels)
+        return out, time.perf_counter() - t0
+
+    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None) -> _Prefilled:
+        check_cancel(cancel)
+        t = self.manifest.tokens
+        enc: EncodedPrompt = encode(prompt, self.tokenizer, t.endofchunk, t.image)
+        if len(enc.ids) >= self.manifest.decoder.max_positions:
+            raise InvalidRequest(
+                f"prompt of {len(enc.ids)} tokens exceeds the model's {self.manifest.decoder.max_positions} positions",
+                field="history",
+            )
+        latents, vision_s = self._media_latents(prompt.images)
+        check_cancel(cancel)
+        t0 = time.perf_counter()
+        memory = self.runner.media_kv(latents)
+        hit = False
+        if enc.prefix_len:
+            key = prefix_key(tenant, enc.ids[: enc.prefix_len], [it.image_key for it in prompt.images[: prompt.prefix_images]])
+            entry = self.prefix_cache.get(key)
+            if entry is not None:
+                logits, state = self.runner.prefill_with_prefix(entry, enc.ids[enc.prefix_len :], memory)
+                hit = True
+            else:
+                logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
+                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images))
+        else:
+            logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
+        return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
+
+    def _ban(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        scores = np.array(scores, copy=True)
+        scores[..., self._banned] = -np.inf  # no new image, answer or pad token can be generated
+        return scores
+
+    # -- recommendation and search ----------------------------------------------------------------------
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        history = self._resolve(history_from_request(request.history))
+        prompt = recommendation_prompt(history, self.config.max_history)
+        return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
+                                request.cancel)
+
+    def search(self, request: SearchRequest) -> RecommendResult:
+        history = self._resolve(history_from_request(request.history))
+        prompt = search_prompt(history, request.query, self.config.max_history)
+        return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
+                                request.cancel)
+
+    def _item_masks(self, item_filter: ItemFilter, history: tuple[int, ...]) -> dict[str, np.ndarray | None]:
+        allow = None
+        if item_filter.allow:
+            allow = np.array([self._token_for(i, "filter.allow") for i in item_filter.allow], np.int64)
+        return {
+            "exclude": np.array(history, np.int64) if item_filter.exclude_history and history else None,
+            "unavailable": ~self._catalog.available_mask(),
+            "allow": allow,
+            "category_mask": self._catalog.category_mask(list(item_filter.categories)) if item_filter.categories else None,
+        }
+
+    def _token_for(self, item_id: str, field_name: str) -> int:
+        try:
+            token = self._catalog.token_of(item_id)
+        except Exception as exc:
+            raise InvalidRequest(f"{field_name}: unknown item {item_id!r}", field=field_name) from exc
+        if token < 0:
+            raise InvalidRequest(f"{field_name}: item {item_id!r} has no model token", field=field_name)
+        return token
+
+    def _rank_items(
+        self,
+        prompt: Prompt,
+        top_k: int,
+        mode: DecodeMode,
+        item_filter: ItemFilter,
+        beam: BeamOptions,
+        tenant: str,
+        cancel: CancelToken | None,
+    ) -> RecommendResult:
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}", field="top_k")
+        t_start = time.perf_counter()
+        self.requests += 1
+        pre = self._prefill(prompt, tenant, cancel)
+        t = self.manifest.tokens
+        masks = self._item_masks(item_filter, prompt.history_tokens)
+        decode_s, tokens = 0.0, 0
+        if mode == DecodeMode.FAST:
+            top = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks)  # type: ignore[arg-type]
+            ranked = top.pairs()
+        else:
+            t0 = time.perf_counter()
+            ranked, tokens = self._beam_items(pre, beam, masks, cancel)
+            ranked = ranked[:top_k]
+            decode_s = time.perf_counter() - t0
+        items = []
+        for index, score in ranked:
+            entry = self._catalog.by_token(index)
+            items.append(ScoredItem(entry.item_id if entry else f"item_{index}", float(score), entry.meta if entry else None))
+        total = time.perf_counter() - t_start
+        timings = Timings(pre.vision_s, pre.prefill_s, decode_s, total, pre.vision_s + pre.prefill_s, tokens, pre.hit)
+        return RecommendResult(tuple(items), timings)
+
+    def _beam_items(
+        self, pre: _Prefilled, beam: BeamOptions, masks: dict[str, np.ndarray | None], cancel: CancelToken | None
+    ) -> tuple[list[tuple[int, float]], int]:
+        """Paper-parity beam search; returns admissible items in hypothesis order, with sequence scores."""
+        if not 1 <= beam.num_beams <= MAX_BEAMS:
+            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="beam.num_beams")
+        if not 1 <= beam.num_return_sequences <= beam.num_beams:
+            raise InvalidRequest("num_return_sequences must be in 1..num_beams", field="beam.num_return_sequences")
+        if not 1 <= beam.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}", field="beam.max_new_tokens")
+        t = self.manifest.tokens
+        cfg = BeamSearchConfig(
+            num_beams=beam.num_beams,
+            num_return_sequences=beam.num_return_sequences,
+            max_new_tokens=beam.max_new_tokens,
+            length_penalty=beam.length_penalty,
+            early_stopping=beam.early_stopping,
+            eos_token_id=t.eos,
+            pad_token_id=t.pad,
+        )
+        result = self._run_beams(pre, cfg, cancel)
+        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
+        seen: set[int] = set()
+        ranked = []
+        for seq, score in zip(result.sequences(), result.scores):
+            for token in seq:
+                index = int(token) - t.item_start
+                if 0 <= index < t.item_count:  # the first item token of the hypothesis is its answer
+                    if ok[index] and index not in seen:
+                        seen.add(index)
+                        ranked.append((index, float(score)))
+                    break
+        return ranked, int(result.steps)
+
+    def _run_beams(self, pre: _Prefilled, cfg: BeamSearchConfig, cancel: CancelToken | None):  # type: ignore[no-untyped-def]
+        with self.scheduler.admit(cancel) as slot:
+            slot.track(pre.state)
+            holder = {"state": pre.state}
+
+            def advance(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+                state = holder["state"].select(parents)  # beams fork from the one prompt row at the first step
+                logits, holder["state"] = slot.step(state, tokens, cancel)
+                return logits
+
+            return beam_search(pre.logits, advance, cfg, logits_processor=self._ban, cancel=cancel)
+
+    # -- preference and explanation ---------------------------------------------------------------------
+    def _preference_prefill(self, request: PreferenceRequest) -> _Prefilled:
+        history = self._resolve(history_from_request(request.history))
+        (target,) = self._resolve((request.target,), name="target")
+        s = request.sampling
+        if not 0 <= s.temperature <= 5:
+            raise InvalidRequest("temperature must be in 0..5", field="sampling.temperature")
+        if not 0 < s.top_p <= 1:
+            raise InvalidRequest("top_p must be in (0, 1]", field="sampling.top_p")
+        if not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS:
+            raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}", field="sampling.max_new_tokens")
+        if not 1 <= s.num_beams <= MAX_BEAMS:
+            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="sampling.num_beams")
+        self.requests += 1
+        return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel)
+
+    def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
+        result = None
+        for event in self.explain(request):
+            if isinstance(event, PreferenceResult):
+                result = event
+        assert result is not None
+        return result
+
+    def explain(self, request: PreferenceRequest) -> Iterator[TextPiece | PreferenceResult]:
+        """Rating distribution from the prefill; then ``rate_r`` (the argmax) and the explanation, streamed."""
+        t_start = time.perf_counter()
+        pre = self._preference_prefill(request)
+        t = self.manifest.tokens
+        dist = rating_distribution(pre.logits, t.rates)
+        s = request.sampling
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        first_token_s = 0.0
+        produced = 0
+        finish = "eos"
+        t0 = time.perf_counter()
+        with self.scheduler.admit(request.cancel) as slot:
+            slot.track(pre.state)
+            rate_token = np.array([t.rates[dist.rating - 1]], np.int64)
+            logits, state = slot.step(pre.state, rate_token, request.cancel)
+            if s.num_beams > 1:
+                text, produced, finish = self._explain_beam(logits[0], state, slot, s, request.cancel)
+                first_token_s = time.perf_counter() - t_start
+                yield TextPiece(text)
+            else:
+                holder = {"state": state}
+
+                def advance(tokens: np.ndarray) -> np.ndarray:
+                    out, holder["state"] = slot.step(holder["state"], tokens, request.cancel)
+                    return out[0]
+
+                gen = TokenGenerator(
+                    logits[0], advance,
+                    SamplingConfig(s.temperature, s.top_p, s.seed, s.max_new_tokens, t.eos),
+                    cancel=request.cancel, logits_processor=self._ban,
+                )
+                while not gen.is_done():
+                    token = gen.step()
+                    if token is None:
+                        break
+                    produced += 1
+                    piece = detok.push(token)
+                    if piece:
+                        if not first_token_s:
+                            first_token_s = time.perf_counter() - t_start
+                        yield TextPiece(piece)
+                tail = detok.flush()
+                if tail:
+                    yield TextPiece(tail)
+                finish = gen.finish_reason or "eos"
+                if finish == "cancelled":
+                    check_cancel(request.cancel)
+        decode_s = time.perf_counter() - t0
+        text = detok.text if s.num_beams == 1 else text
+        yield PreferenceResult(
+            rating_distribution=tuple(float(p) for p in dist.probs),
+            expected_rating=dist.expected,
+            rating=dist.rating,
+            explanation=text.strip(),
+            finish_reason=finish,
+            timings=Timings(pre.vision_s, pre.prefill_s, decode_s, time.perf_counter() - t_start,
+                            first_token_s or (pre.vision_s + pre.prefill_s), produced, pre.hit),
+        )
+
+    def _explain_beam(self, logits: np.ndarray, state: RowState, slot: Slot, s, cancel) -> tuple[str, int, str]:  # type: ignore[no-untyped-def]
+        t = self.manifest.tokens
+        holder = {"state": state}
+
+        def advance(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+            out, holder["state"] = slot.step(holder["state"].select(parents), tokens, cancel)
+            return out
+
+        cfg = BeamSearchConfig(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens, eos_token_id=t.eos, pad_token_id=t.pad)
+        result = beam_search(logits, advance, cfg, logits_processor=self._ban, cancel=cancel)
+        best = result.sequences()[0]
+        finish = "eos" if len(best) and int(best[-1]) == t.eos else "length"
+        return self.tokenizer.decode(best.tolist(), skip_special_tokens=True), len(best), finish
+
+    # -- item selection ---------------------------------------------------------------------------------
+    def select_items(self, request: SelectRequest) -> SelectResult:
+        t_start = time.perf_counter()
+        history = self._resolve(history_from_request(request.history))
+        candidates = self._resolve(request.candidates, name="candidates")
+        if not 1 <= request.max_selected <= max(1, len(candidates)):
+            raise InvalidRequest("max_selected must be in 1..number of candidates", field="max_selected")
+        self.requests += 1
+        pre = self._prefill(selection_prompt(history, candidates, self.config.max_history), request.tenant, request.cancel)
+        sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
+        timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
+        return SelectResult(sel.selected, sel.scores, timings)
+
+    # -- image generation -------------------------------------------------------------------------------
+    def generate_image(self, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
+        if self._diffusion is None:
+            raise Unavailable("these artifacts have no diffusion graphs; export with a diffusion model to enable GenerateImage")
+        from runtime.image_task import generate_image
+
+        yield from generate_image(self, self._diffusion, request)
