@@ -138,7 +138,11 @@ class Runtime:
         return self._catalog
 
     def close(self) -> None:
+        """Stop decoding, persist latents computed since start-up, close the catalog."""
         self.scheduler.close()
+        self.latents.flush()
+        self.latents.close()
+        self._catalog.close()
 
     def stats(self) -> dict[str, float]:
         pc = self.prefix_cache
