@@ -1,0 +1,1 @@
+"""Text-to-image generation without torch: numpy schedulers and a backend-agnostic sampling loop."""
