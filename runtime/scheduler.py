@@ -20,7 +20,7 @@ import numpy as np
 
 from runtime.decoder.kv_cache import RowState
 from runtime.decoder.runner import DecoderRunner
-from runtime.types import CancelToken, Cancelled, DeadlineExceeded, Overloaded, Unavailable
+from runtime.types import Cancelled, CancelToken, DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger(__name__)
 

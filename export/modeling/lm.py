@@ -149,6 +149,7 @@ class FlamingoLM(nn.Module):
         )
         rot = cfg.rotary_ndims
         inv_freq = 1.0 / (cfg.rotary_emb_base ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+        self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
@@ -157,7 +158,8 @@ class FlamingoLM(nn.Module):
 
     def media_memory(self, latents: torch.Tensor) -> list[KV]:
         """(N, n, Dv) -> per cross-attention block (in ``xattn_layers`` order) K, V each (N, h, n, dh)."""
-        return [self.gated_cross_attn_layers[str(i)].attn.memory(latents) for i in self.xattn_layers]
+        blocks: list[GatedCrossAttentionBlock] = [self.gated_cross_attn_layers[str(i)] for i in self.xattn_layers]  # type: ignore[misc]
+        return [b.attn.memory(latents) for b in blocks]
 
     def forward(
         self,

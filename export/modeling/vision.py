@@ -142,7 +142,9 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         latents = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
-        for attn, ff in self.layers:  # type: ignore[misc]
+        for layer in self.layers:
+            attn: nn.Module = layer[0]  # type: ignore[index]
+            ff: nn.Module = layer[1]  # type: ignore[index]
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
         return self.norm(latents)
