@@ -1,0 +1,226 @@
+// pos_client: a point-of-sale client of the UniMP Edge gRPC API.
+//
+//   pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N] [--token T]
+//                        [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]
+//   pos_client health    --target HOST:PORT [--service NAME] [TLS options]
+//
+// recommend prints one line per item: rank, item id, score, title (tab-separated).
+// Exit status: 0 success, 1 RPC error (status code and message on stderr), 2 bad usage.
+#include <grpcpp/grpcpp.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "unimp/v1/personalization.grpc.pb.h"
+
+namespace {
+
+constexpr int kOk = 0;
+constexpr int kRpcError = 1;
+constexpr int kUsage = 2;
+
+struct Options {
+  std::string command;
+  std::string target = "127.0.0.1:50051";
+  std::string token;
+  std::string user;
+  std::vector<std::string> items;
+  int top_k = 10;
+  std::string ca, cert, key, server_name;
+  std::string service;
+  long timeout_ms = 5000;
+};
+
+const char* kUsageText =
+    "usage: pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N] [--token T]\n"
+    "                            [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]\n"
+    "       pos_client health --target HOST:PORT [--service NAME] [--token T] [TLS options]\n";
+
+const char* StatusName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNRECOGNIZED";
+  }
+}
+
+bool ReadFile(const std::string& path, std::string* out) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return false;
+  std::ostringstream buffer;
+  buffer << in.rdbuf();
+  *out = buffer.str();
+  return true;
+}
+
+// Parses argv into opts; returns false (after printing why) on bad usage.
+bool Parse(int argc, char** argv, Options* opts) {
+  if (argc < 2) {
+    std::cerr << kUsageText;
+    return false;
+  }
+  opts->command = argv[1];
+  if (opts->command == "--help" || opts->command == "-h") {
+    std::cout << kUsageText;
+    std::exit(kOk);
+  }
+  if (opts->command != "recommend" && opts->command != "health") {
+    std::cerr << "unknown command '" << opts->command << "'\n" << kUsageText;
+    return false;
+  }
+  for (int i = 2; i < argc; ++i) {
+    const std::string flag = argv[i];
+    auto value = [&](std::string* dest) {
+      if (i + 1 >= argc) {
+        std::cerr << flag << " needs a value\n";
+        return false;
+      }
+      *dest = argv[++i];
+      return true;
+    };
+    std::string number;
+    if (flag == "--target") {
+      if (!value(&opts->target)) return false;
+    } else if (flag == "--token") {
+      if (!value(&opts->token)) return false;
+    } else if (flag == "--user") {
+      if (!value(&opts->user)) return false;
+    } else if (flag == "--item") {
+      // --item A [B C ...] and repeated --item flags both work.
+      if (i + 1 >= argc || std::string(argv[i + 1]).rfind("--", 0) == 0) {
+        std::cerr << "--item needs at least one catalog id\n";
+        return false;
+      }
+      while (i + 1 < argc && std::string(argv[i + 1]).rfind("--", 0) != 0) opts->items.emplace_back(argv[++i]);
+    } else if (flag == "--top-k") {
+      if (!value(&number)) return false;
+      opts->top_k = std::atoi(number.c_str());
+    } else if (flag == "--timeout-ms") {
+      if (!value(&number)) return false;
+      opts->timeout_ms = std::atol(number.c_str());
+    } else if (flag == "--ca") {
+      if (!value(&opts->ca)) return false;
+    } else if (flag == "--cert") {
+      if (!value(&opts->cert)) return false;
+    } else if (flag == "--key") {
+      if (!value(&opts->key)) return false;
+    } else if (flag == "--server-name") {
+      if (!value(&opts->server_name)) return false;
+    } else if (flag == "--service") {
+      if (!value(&opts->service)) return false;
+    } else {
+      std::cerr << "unknown option '" << flag << "'\n" << kUsageText;
+      return false;
+    }
+  }
+  if (opts->timeout_ms <= 0) {
+    std::cerr << "--timeout-ms must be positive\n";
+    return false;
+  }
+  return true;
+}
+
+// Plaintext, or TLS when --ca is given (mutual TLS with --cert/--key).
+std::shared_ptr<grpc::Channel> MakeChannel(const Options& opts, bool* ok) {
+  *ok = true;
+  grpc::ChannelArguments args;
+  if (opts.ca.empty()) {
+    return grpc::CreateCustomChannel(opts.target, grpc::InsecureChannelCredentials(), args);
+  }
+  grpc::SslCredentialsOptions ssl;
+  if (!ReadFile(opts.ca, &ssl.pem_root_certs)) {
+    std::cerr << "cannot read --ca " << opts.ca << "\n";
+    *ok = false;
+    return nullptr;
+  }
+  if (!opts.cert.empty() || !opts.key.empty()) {
+    if (!ReadFile(opts.cert, &ssl.pem_cert_chain) || !ReadFile(opts.key, &ssl.pem_private_key)) {
+      std::cerr << "mutual TLS needs readable --cert and --key files\n";
+      *ok = false;
+      return nullptr;
+    }
+  }
+  if (!opts.server_name.empty()) args.SetSslTargetNameOverride(opts.server_name);
+  return grpc::CreateCustomChannel(opts.target, grpc::SslCredentials(ssl), args);
+}
+
+void Prepare(const Options& opts, grpc::ClientContext* context) {
+  context->set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(opts.timeout_ms));
+  if (!opts.token.empty()) context->AddMetadata("authorization", "Bearer " + opts.token);
+}
+
+int Report(const grpc::Status& status, const grpc::ClientContext& context) {
+  std::cerr << "error: " << StatusName(status.error_code()) << ": " << status.error_message();
+  const auto& trailers = context.GetServerTrailingMetadata();
+  auto field = trailers.find("unimp-field");
+  if (field != trailers.end()) std::cerr << " (field " << std::string(field->second.data(), field->second.size()) << ")";
+  std::cerr << "\n";
+  return kRpcError;
+}
+
+int Recommend(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = unimp::v1::Personalization::NewStub(channel);
+  unimp::v1::RecommendRequest request;
+  request.set_user_id(opts.user);
+  for (const auto& id : opts.items) request.add_history()->set_item_id(id);
+  request.mutable_options()->set_top_k(opts.top_k);
+  request.mutable_options()->set_mode(unimp::v1::DECODE_MODE_FAST);
+
+  unimp::v1::RecommendResponse response;
+  grpc::ClientContext context;
+  Prepare(opts, &context);
+  grpc::Status status = stub->Recommend(&context, request, &response);
+  if (!status.ok()) return Report(status, context);
+  int rank = 0;
+  for (const auto& item : response.items()) {
+    std::cout << ++rank << '\t' << item.item_id() << '\t' << item.score() << '\t' << item.attributes().title() << '\n';
+  }
+  return kOk;
+}
+
+int Health(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::health::v1::HealthCheckRequest request;
+  request.set_service(opts.service);
+  grpc::health::v1::HealthCheckResponse response;
+  grpc::ClientContext context;
+  Prepare(opts, &context);
+  grpc::Status status = stub->Check(&context, request, &response);
+  if (!status.ok()) return Report(status, context);
+  std::cout << grpc::health::v1::HealthCheckResponse::ServingStatus_Name(response.status()) << '\n';
+  return response.status() == grpc::health::v1::HealthCheckResponse::SERVING ? kOk : kRpcError;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options opts;
+  if (!Parse(argc, argv, &opts)) return kUsage;
+  bool ok = false;
+  auto channel = MakeChannel(opts, &ok);
+  if (!ok) return kUsage;
+  if (opts.command == "health") return Health(opts, channel);
+  return Recommend(opts, channel);
+}

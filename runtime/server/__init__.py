@@ -1,0 +1,1 @@
+"""gRPC edge of the runtime: the only package that imports generated protobuf code."""

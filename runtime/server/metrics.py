@@ -1,0 +1,112 @@
+"""Prometheus metrics, served over HTTP on their own port.
+
+Per RPC: request counts by status code, latency, time to first token and decode speed (from the
+engine's Timings, or measured on the Explain stream), cancellations by reason (client, deadline) and
+rejections by reason (overload, loading, shutdown). Engine state (queue depth, KV cache and prefix
+cache bytes, prefix-cache hits, misses and hit ratio) is read from ``engine.stats()`` at scrape time.
+
+Each server has its own registry, so several servers can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKENS_PER_SECOND_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class _EngineStatsCollector(Collector):
+    """Turns ``engine.stats()`` into gauges and counters at scrape time."""
+
+    def __init__(self, stats: Callable[[], dict[str, float] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self._stats()
+        except Exception:
+            logger.exception("engine.stats() failed during a metrics scrape")
+            return
+        if stats is None:
+            return
+        gauges = {
+            "queue_depth": ("unimp_engine_queue_depth", "Requests waiting in the engine's scheduler"),
+            "kv_bytes": ("unimp_kv_cache_bytes", "Bytes held by decoder KV caches"),
+            "prefix_cache_bytes": ("unimp_prefix_cache_bytes", "Bytes held by the prefix cache"),
+        }
+        for key, (name, doc) in gauges.items():
+            if key in stats:
+                yield GaugeMetricFamily(name, doc, value=float(stats[key]))
+        hits, misses = stats.get("prefix_cache_hits"), stats.get("prefix_cache_misses")
+        if hits is not None:
+            yield CounterMetricFamily("unimp_prefix_cache_hits", "Prefix-cache lookups that hit", value=float(hits))
+        if misses is not None:
+            yield CounterMetricFamily("unimp_prefix_cache_misses", "Prefix-cache lookups that missed",
+                                      value=float(misses))
+        if hits is not None and misses is not None:
+            total = float(hits) + float(misses)
+            yield GaugeMetricFamily("unimp_prefix_cache_hit_ratio", "Prefix-cache hits / lookups since start",
+                                    value=float(hits) / total if total else 0.0)
+
+
+class ServerMetrics:
+    """All metrics of one server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.engine_stats: Callable[[], dict[str, float]] | None = None
+        """Set once the engine is loaded."""
+        r = self.registry
+        self.requests = Counter("unimp_requests", "RPCs finished, by method and status code", ["rpc", "code"],
+                                registry=r)
+        self.latency = Histogram("unimp_request_latency_seconds", "RPC latency as seen by the server", ["rpc"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "unimp_time_to_first_token_seconds", "Time from request arrival to the first generated token", ["rpc"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_per_second = Histogram("unimp_tokens_per_second", "Decode speed of one request", ["rpc"],
+                                           buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.inflight = Gauge("unimp_inflight_requests", "Requests admitted to the engine and not yet finished",
+                              registry=r)
+        self.cancelled = Counter("unimp_cancelled_requests", "Requests whose engine work was cancelled",
+                                 ["rpc", "reason"], registry=r)
+        self.rejected = Counter("unimp_rejected_requests", "Requests refused before reaching the engine",
+                                ["rpc", "reason"], registry=r)
+        r.register(_EngineStatsCollector(lambda: self.engine_stats() if self.engine_stats else None))
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+        self.port: int | None = None
+
+    def start_http(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (0: any free port); returns the bound port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self.port = int(self._http.server_address[1])
+        logger.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def stop_http(self) -> None:
+        """Stop the endpoint without waiting for its poll loop (up to 0.5 s) to notice."""
+        http, self._http, self._thread = self._http, None, None
+        if http is None:
+            return
+
+        def shutdown() -> None:
+            http.shutdown()
+            http.server_close()
+
+        threading.Thread(target=shutdown, name="unimp-metrics-stop", daemon=True).start()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one sample (0 if absent); for tests and diagnostics."""
+        result = self.registry.get_sample_value(name, labels or {})
+        return float(result) if result is not None else 0.0
