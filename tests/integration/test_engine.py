@@ -16,8 +16,8 @@ from runtime.backends import BackendConfig
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.prompts import encode
 from runtime.types import (
-    CancelToken,
     Cancelled,
+    CancelToken,
     DecodeMode,
     HistoryItem,
     ItemFilter,
