@@ -18,6 +18,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ IGNORED = [
     re.compile(r"^vision\.attn_pool"),
     re.compile(r"^lm\.gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$"),
     re.compile(r"^lm\.gpt_neox\.rotary_emb\.inv_freq$"),
+    re.compile(r"^clip_text\."),  # text tower and logit scale of a whole CLIP in vision.pt
 ]
 
 
@@ -102,14 +104,20 @@ def map_lm_key(key: str) -> str | None:
     return None
 
 
-def map_vision_key(key: str) -> str | None:
-    """open_clip name (whole CLIP with ``visual.`` or the visual tower alone) -> reference-model name."""
+def map_vision_key(key: str, whole_clip: bool = False) -> str | None:
+    """open_clip name (whole CLIP with ``visual.`` or the visual tower alone) -> reference-model name.
+
+    In a whole CLIP (``whole_clip``) only ``visual.*`` belongs to the tower: the text tower has its own
+    ``positional_embedding`` and ``transformer.*``; its keys map under ``clip_text.`` (ignored).
+    """
     key = key.removeprefix("module.")
     if key.startswith("visual."):
         return "vision." + key[len("visual.") :]
+    if whole_clip:
+        return "clip_text." + key
     if key.startswith(("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "transformer.", "proj")):
         return "vision." + key
-    return None  # text tower and logit scale of a whole CLIP
+    return None
 
 
 # -- file reading -----------------------------------------------------------------------------------------
@@ -249,7 +257,10 @@ def load_checkpoint(ckpt: Path, strict: bool = True) -> LoadedCheckpoint:
     target = model.state_dict()
     with torch.no_grad():
         for path, mapper in sources:
-            _apply(path, read_state_dict(path), mapper, target, report)
+            state = read_state_dict(path)
+            if mapper is map_vision_key and any(k.removeprefix("module.").startswith("visual.") for k in state):
+                mapper = partial(map_vision_key, whole_clip=True)
+            _apply(path, state, mapper, target, report)
     report.missing = sorted(k for k in target if k not in report.sources)
     model.load_state_dict(target)
     log.info("%s", report.summary())
