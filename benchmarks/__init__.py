@@ -1,0 +1,1 @@
+"""Benchmarks: per-stage latency, side-by-side baselines, server load, memory and the bandwidth floor."""
