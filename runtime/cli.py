@@ -33,7 +33,7 @@ def _export(args: argparse.Namespace) -> int:
     params = manifest.source.get("parameters", 0)
     print(f"exported {manifest.model_name} ({params / 1e6:.1f}M parameters) to {args.out}")
     for name, entry in manifest.graphs.items():
-        val = manifest.source.get("validation", {}).get(name, {})
+        val = manifest.source.get("validation", {}).get(name) or entry.extra.get("validation", {})
         err = val.get("max_abs_error")
         print(f"  {name:<13} {entry.file:<28} max abs error vs PyTorch: {err if err is not None else 'n/a'}")
     return 0
