@@ -134,16 +134,20 @@ class DecoderRunner:
         its own last image). Returns per state the logits (n_i, V) and the advanced state.
         """
         length = max(s.length for s in states)
-        keys = [np.concatenate([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
-        values = [np.concatenate([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
-        past_mask = np.concatenate([left_pad(s.mask, length, 1) for s in states])
+
+        def batched(parts: list[np.ndarray]) -> np.ndarray:
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one state: no copy
+
+        keys = [batched([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
+        values = [batched([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
+        past_mask = batched([left_pad(s.mask, length, 1) for s in states])
         b = past_mask.shape[0]
         mask = np.concatenate([past_mask, np.ones((b, 1), np.int64)], axis=1)
-        ids = np.concatenate([np.asarray(t, np.int64).reshape(-1) for t in tokens])[:, None]
-        positions = np.concatenate([s.next_pos for s in states])[:, None]
-        text_time = np.concatenate([s.has_image for s in states])[:, None]
+        ids = batched([np.asarray(t, np.int64).reshape(-1) for t in tokens])[:, None]
+        positions = batched([s.next_pos for s in states])[:, None]
+        text_time = batched([s.has_image for s in states])[:, None]
         memory = [
-            (np.concatenate([s.memory[j][0] for s in states]), np.concatenate([s.memory[j][1] for s in states]))
+            (batched([s.memory[j][0] for s in states]), batched([s.memory[j][1] for s in states]))
             for j in range(self.blocks)
         ]
         logits, new_keys, new_values = self._run(self._feeds(ids, positions, mask, text_time, keys, values, memory))
