@@ -76,6 +76,11 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.tokens_per_second = Histogram("unimp_tokens_per_second", "Decode speed of one request", ["rpc"],
                                            buckets=TOKENS_PER_SECOND_BUCKETS, registry=r)
+        self.stage_seconds = Histogram(
+            "unimp_stage_seconds",
+            "Time per pipeline stage: vision, prefill, decode (text tasks); prompt, text_encoder, unet_per_step, "
+            "vae_decoder (image generation)",
+            ["rpc", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("unimp_inflight_requests", "Requests admitted to the engine and not yet finished",
                               registry=r)
         self.cancelled = Counter("unimp_cancelled_requests", "Requests whose engine work was cancelled",

@@ -37,7 +37,7 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
-from runtime.api import CatalogItem, Engine
+from runtime.api import CatalogItem, Engine, ImageResult
 from runtime.server import convert, errors, logs
 from runtime.server.auth import Authenticator, Principal
 from runtime.server.config import ServerConfig
@@ -89,6 +89,8 @@ class Call:
     """perf_counter() of the first streamed token (Explain)."""
     pieces: int = 0
     timings: Timings | None = None
+    stage_timings: dict[str, float] = field(default_factory=dict)
+    """Image generation's per-component seconds (prompt, text_encoder, unet_per_step, vae_decoder)."""
 
     @property
     def tenant(self) -> str:
@@ -253,6 +255,12 @@ class Servicer:
         self.metrics.latency.labels(rpc).observe(elapsed)
         if call is not None and code is grpc.StatusCode.OK:
             t = call.timings
+            if t is not None:
+                for stage in ("vision", "prefill", "decode"):
+                    if getattr(t, stage) > 0:
+                        self.metrics.stage_seconds.labels(rpc, stage).observe(getattr(t, stage))
+            for stage, seconds in call.stage_timings.items():
+                self.metrics.stage_seconds.labels(rpc, stage).observe(seconds)
             if call.first_token is not None:
                 self.metrics.time_to_first_token.labels(rpc).observe(call.first_token - call.started)
             elif t is not None and t.tokens > 0 and t.first_token > 0:
@@ -471,6 +479,9 @@ class Servicer:
         events = self._engine().generate_image(convert.image_request(msg, history, call.cancel, self.limits))
         try:
             for event in events:
+                if isinstance(event, ImageResult):
+                    call.stage_timings = {k: v for k, v in event.timings.items()
+                                          if k in ("prompt", "text_encoder", "unet_per_step", "vae_decoder")}
                 yield convert.image_event(event)
         finally:
             close = getattr(events, "close", None)

@@ -75,3 +75,12 @@ def test_cancelling_generate_image_stops_the_loop(server) -> None:  # type: igno
         stream.close()  # cancels the RPC
         # the server keeps serving
         assert client.health() == "SERVING"
+
+
+def test_stage_timings_are_metrics(server) -> None:  # type: ignore[no-untyped-def]
+    metrics = server.server.metrics
+    with UnimpClient(server.target) as client:
+        client.recommend(["P00003"], top_k=2)
+        list(client.generate_image("blue lamp", ["P00003"], steps=2, width=64, height=64))
+    for rpc, stage in (("Recommend", "prefill"), ("GenerateImage", "unet_per_step"), ("GenerateImage", "vae_decoder")):
+        assert metrics.value("unimp_stage_seconds_count", {"rpc": rpc, "stage": stage}) >= 1
