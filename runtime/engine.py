@@ -47,6 +47,7 @@ from runtime.types import (
     InvalidRequest,
     ItemFilter,
     ItemMeta,
+    NotFound,
     PreferenceRequest,
     PreferenceResult,
     RecommendRequest,
@@ -169,8 +170,9 @@ class Runtime:
             if item.item_id:
                 try:
                     entry = self._catalog.get(item.item_id)
-                except Exception as exc:
-                    raise type(exc)(f"{name}[{k}].item_id {item.item_id!r} is not in the catalog", field=f"{name}[{k}].item_id") from exc  # type: ignore[call-arg]
+                except NotFound as exc:
+                    raise NotFound(f"{name}[{k}].item_id {item.item_id!r} is not in the catalog",
+                                   field=f"{name}[{k}].item_id") from exc
                 meta = meta or entry.meta
                 token = entry.token
                 if not item.image and not entry.has_image:
@@ -252,7 +254,7 @@ class Runtime:
     def _token_for(self, item_id: str, field_name: str) -> int:
         try:
             token = self._catalog.token_of(item_id)
-        except Exception as exc:
+        except NotFound as exc:
             raise InvalidRequest(f"{field_name}: unknown item {item_id!r}", field=field_name) from exc
         if token < 0:
             raise InvalidRequest(f"{field_name}: item {item_id!r} has no model token", field=field_name)

@@ -238,3 +238,38 @@ sys.exit(1 if bad else 0)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "LOADED []" in out.stdout
+
+
+def test_bad_requests_name_the_field(rt: Runtime) -> None:
+    from runtime.types import InvalidRequest, NotFound
+
+    with pytest.raises(NotFound) as nf:
+        rt.recommend(RecommendRequest((HistoryItem(item_id="P00001"), HistoryItem(item_id="nope"))))
+    assert nf.value.field == "history[1].item_id"
+    with pytest.raises(InvalidRequest) as bad:
+        rt.recommend(RecommendRequest(HISTORY, top_k=0))
+    assert bad.value.field == "top_k"
+    with pytest.raises(InvalidRequest) as bad:
+        rt.recommend(RecommendRequest(()))
+    assert bad.value.field == "history"
+    with pytest.raises(InvalidRequest) as bad:
+        rt.search(SearchRequest(HISTORY, query="  "))
+    assert bad.value.field == "query"
+    with pytest.raises(InvalidRequest) as bad:
+        rt.recommend(RecommendRequest(HISTORY, filter=ItemFilter(allow=("missing",))))
+    assert bad.value.field == "filter.allow"
+
+
+def test_inline_image_is_encoded_at_request_time(rt: Runtime) -> None:
+    """Cached vs uncached: an inline copy of a catalog image is encoded now and equals the cached latents."""
+    from runtime.prompts import ResolvedItem
+
+    entry = rt.catalog.get(HISTORY[-1].item_id)
+    cached = ResolvedItem(entry.meta, entry.item_id, entry.token)
+    inline = ResolvedItem(entry.meta, image=rt.catalog.image(entry.item_id))
+    encoded_before = rt.vision.images_encoded
+    latents, _ = rt._media_latents((cached, inline))
+    assert rt.vision.images_encoded == encoded_before + 1
+    np.testing.assert_allclose(latents[1], latents[0], atol=1e-5)
+    got = rt.recommend(RecommendRequest((*HISTORY[:-1], HistoryItem(meta=entry.meta, image=inline.image)), top_k=5))
+    assert len(got.items) == 5
