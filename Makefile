@@ -30,7 +30,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy export runtime
+	$(BIN)/mypy export runtime benchmarks
 
 bench: install
 	$(BIN)/unimp bench --preset small --out bench-results
