@@ -704,7 +704,7 @@ def sweep(server: ServerProcess, workload: Workload, settings: LoadSettings) -> 
         raise RuntimeError(f"warm-up calls failed: {', '.join(failed)}\n{server.log_tail()}")
     levels = []
     for concurrency in settings.levels:
-        level: dict[str, Any] = {"concurrency": concurrency, "rpcs": {}}
+        level: dict[str, Any] = {"concurrency": concurrency, "throughput_rps": 0.0, "rpcs": {}}
         for k, rpc in enumerate(RPCS):
             run = closed_loop(server, workload, (rpc,), concurrency, settings.requests_per_rpc,
                               settings.rpc_time_cap_s, settings.rpc_timeout_s, offset=concurrency * 100 + k * 17)
@@ -712,6 +712,7 @@ def sweep(server: ServerProcess, workload: Workload, settings: LoadSettings) -> 
         run = closed_loop(server, workload, RPCS, concurrency, settings.requests_mixed, settings.mixed_time_cap_s,
                           settings.rpc_timeout_s, offset=concurrency * 100 + 71)
         level["mixed"] = summarize_mixed(run, RPCS)
+        level["throughput_rps"] = level["mixed"]["throughput_rps"]  # all RPCs interleaved
         levels.append(level)
         log.info("load: %d clients: %s; mixed %.1f req/s", concurrency,
                  ", ".join(f"{rpc} {level['rpcs'][rpc]['throughput_rps']:.1f} req/s" for rpc in RPCS),
@@ -826,6 +827,74 @@ def _plot_data(result: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": [lv["mixed"]["p99_ms"] for lv in levels],
     }
     return {"load_by_rpc": per_rpc, "load_mixed": mixed}
+
+
+# -- Markdown ------------------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _mib(value: Any) -> float | None:
+    return None if value is None else float(value) / 2**20
+
+
+def render_markdown(r: dict[str, Any], h: str) -> str:
+    """The section as Markdown tables (``h``: the heading prefix of the report, e.g. ``###``)."""
+    st = r["startup"]
+    out = [f"{h} Serving under load", ""]
+    rows = [[kind, st[kind]["median_s"], len(st[kind]["starts"]),
+             st[kind]["starts"][0].get("to_listening_s"), st[kind]["starts"][0].get("engine_load_s"),
+             st[kind]["starts"][0].get("images_encoded")] for kind in ("cold", "warm")]
+    out += [f"Start to SERVING, tiny demo ({st.get('source')}); cold = fresh export (catalog latents and "
+            "optimised graphs built), warm = restart:", "",
+            _table(["start", "median s", "starts", "to listening s", "engine load s", "images encoded"], rows)]
+    a = r.get("artifacts_start", {})
+    out += ["", f"Served artifacts `{r['served']['artifacts']}`: SERVING after {_cell(a.get('serving_s'))} s "
+            f"(latent cache {a.get('latent_cache')}).", ""]
+    rows = []
+    for level in r["load"]["levels"]:
+        for rpc in RPCS:
+            e = level["rpcs"][rpc]
+            first = e.get("first_piece", {}).get("p50_ms") if rpc == "Explain" else None
+            rows.append([level["concurrency"], rpc, e["ok"], e["throughput_rps"], e["p50_ms"], e["p95_ms"], e["p99_ms"],
+                         first, e["resource_exhausted"], sum(e["errors"].values()), e["cpu"]["server_cores"]])
+        m = level["mixed"]
+        rows.append([level["concurrency"], "mixed", sum(v["ok"] for v in m["rpcs"].values()), m["throughput_rps"],
+                     m["p50_ms"], m["p95_ms"], m["p99_ms"], m["rpcs"]["Explain"]["first_piece"]["p50_ms"],
+                     m["resource_exhausted"], m["errors"], m["cpu"]["server_cores"]])
+    out += ["Closed-loop clients on loopback (each RPC alone, then all four interleaved); latency of successful "
+            "calls:", "",
+            _table(["clients", "rpc", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "first piece p50 ms",
+                    "RESOURCE_EXHAUSTED", "other errors", "server cores"], rows)]
+    sc = r["explain_scaling"]
+    rows = [[x["streams"], x["tokens"], x["wall_s"], x["tokens_per_s"], x["per_stream_decode_tokens_per_s_median"],
+             x["first_piece"]["p50_ms"]] for x in sc["runs"]]
+    out += ["", f"Explain only ({sc['max_new_tokens']} new tokens), tokens counted by the server; ratio "
+            f"{_cell(sc['ratio'])}x:", "",
+            _table(["streams", "tokens", "wall s", "tokens/s", "per-stream decode tokens/s", "first piece p50 ms"],
+                   rows)]
+    mem, down = r["memory"], r["shutdown"]
+    out += ["", _table(["memory", "MiB"], [
+        ["server peak RSS (VmHWM)", _mib(mem["peak_rss_bytes"])],
+        ["KV cache, peak sampled", _mib(mem["kv_cache_bytes_peak"])],
+        ["prefix cache, peak sampled", _mib(mem["prefix_cache_bytes_peak"])],
+        ["graph files (manifest)", _mib(mem["weights_bytes"]["total"])],
+    ]), "", f"Prefix-cache hit ratio {_cell(mem['prefix_cache_hit_ratio'])}. SIGTERM to exit: "
+            f"{_cell(down['shutdown_s'])} s after the sweep (exit code {down['exit_code']}); idle restarts: "
+            f"{_cell(st['idle_shutdown_median_s'])} s median."]
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:

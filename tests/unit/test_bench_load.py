@@ -73,3 +73,8 @@ def test_load_section_quick(tiny_artifacts: Path, tmp_path: Path) -> None:
     for series in plots.values():
         assert series["concurrency"] == [1, 4]
         assert len(series["throughput_rps"]) == len(series["p99_ms"]) == 2
+
+    text = load.render_markdown(result, "###")
+    assert text.startswith("### Serving under load")
+    rows = [line for line in text.splitlines() if line.startswith("| 4 | ")]
+    assert len(rows) == len(load.RPCS) + 1  # one row per RPC plus the mixed run
