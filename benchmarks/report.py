@@ -304,10 +304,16 @@ def render_body(results: dict[str, Any], level: int = 2, plot_dir: str = "plots"
         if "skipped" in r or "error" in r:
             continue
         fn = _renderer(name)
+        text = None
         if fn is not None:
-            out += ["", fn(r, h)]
-        else:
-            out += ["", f"{h} {TITLES.get(name, name.capitalize())}", "", render_generic(r, h)]
+            try:
+                text = fn(r, h)
+            except Exception as exc:  # a renderer that does not match its data: fall back to the numbers
+                log.warning("rendering section %s failed (%s: %s); using the generic tables", name,
+                            type(exc).__name__, exc)
+        if text is None:
+            text = f"{h} {TITLES.get(name, name.capitalize())}\n\n{render_generic(r, h)}"
+        out += ["", text]
     notes = [(n, r) for n, r in results.get("sections", {}).items() if isinstance(r, dict) and ("skipped" in r or "error" in r)]
     if notes:
         out += ["", f"{h} Sections not measured", ""]
