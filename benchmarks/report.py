@@ -33,8 +33,10 @@ TASK_LABELS = {"recommend": "recommendation (fast path)", "search": "search (fas
 
 PERFORMANCE_INTRO = """\
 `make bench` runs every benchmark section on the `small` demo (253M parameters; exported to
-`out/bench-small` on first use, with progress) and writes `bench-results/results.json` (machine, package
-versions, settings, every number, every target), `bench-results/results.md` and `bench-results/plots/`.
+`out/bench-small` on first use, with progress; the first Runtime start on new artifacts also encodes the
+catalog's 2,000 images once, which takes minutes on 2 cores) and writes `bench-results/results.json`
+(machine, package versions, settings, every number, every target), `bench-results/results.md` and
+`bench-results/plots/`.
 
 ```bash
 make bench                                          # = unimp bench --preset small --out bench-results
@@ -108,8 +110,8 @@ def render_conditions(results: dict[str, Any]) -> str:
         f"({results.get('duration_s', 0.0):.0f} s); preset `{cfg.get('preset')}`"
         f"{' (quick)' if cfg.get('quick') else ''}: {cfg.get('model', '?')} "
         f"({cfg.get('parameters', 0) / 1e6:.1f}M parameters), artifacts `{cfg.get('artifacts')}`; "
-        f"ONNX Runtime CPU, {cfg.get('threads')} intra-op threads; {cfg.get('repeats')} timed repeats "
-        "after a warm-up, medians.",
+        f"ONNX Runtime CPU, {cfg.get('threads')} intra-op threads; {cfg.get('repeats')} timed "
+        f"repeat{'' if cfg.get('repeats') == 1 else 's'} after a warm-up, medians.",
         f"- **Machine**: {machine.get('cpu_model', machine.get('processor', '?'))}, {machine.get('cpus')} CPUs"
         f"{f', {mem / 2**20:.0f} GiB' if mem else ''}; {machine.get('platform', '')}; Python {machine.get('python', '')}.",
     ]
@@ -168,7 +170,9 @@ def render_tasks(r: dict[str, Any], h: str) -> str:
                         ms(r["tasks"][k]["hit"]["first_token_s"]), f"{v:.2f}"]
                        for k, v in pc.get("per_task_ratio", {}).items()]),
                 "", f"Explain prompt: {tok.get('prompt')} tokens, of which {tok.get('prefix')} are the cached "
-                f"history prefix and {tok.get('suffix')} (target item and question) are prefilled on a hit."]
+                f"history prefix and {tok.get('suffix')} (target item and question) are prefilled on a hit. "
+                f"Every request, hit or miss, also computes the cross-attention K/V of its "
+                f"{pc.get('media_kv_images')} images: {ms(pc.get('media_kv_s'))} ms."]
     img = r.get("inline_image", {})
     if img:
         out += ["", f"{h} Catalog latents vs an image encoded at request time (recommendation, cache miss)", "",
