@@ -6,131 +6,26 @@ an open_clip ViT registered as a model config, and then OpenFlamingo's own facto
 does for its backbone. The result is also written as one of our checkpoint directories, so that the
 reference model loaded from it can be compared with the upstream model tensor for tensor.
 
-torchvision: open_clip imports ``torchvision.transforms`` (its preprocessing pipelines) and
-``torchvision.ops.misc.FrozenBatchNorm2d`` at import time, and nothing else of it. PyPI's torchvision wheel
-for this torch is a CUDA build whose C++ extension does not load next to the CPU torch; installed, it makes
-``import torchvision`` fail, and with it every ``transformers`` and ``diffusers`` model import in the
-environment. So torchvision is not installed: :func:`import_upstream` puts a stand-in ``torchvision`` in
-``sys.modules`` only while open_clip and open_flamingo are imported, then removes it. The stand-in's
-transforms can be constructed (open_clip builds its preprocessing when a model is created) but raise if
-applied; the tests feed both models the same pixel tensors instead. A torchvision that imports is used as is.
+torchvision: open_clip and open_flamingo are imported through ``benchmarks.upstream_model.import_upstream``,
+which stands in for torchvision while they are imported (see there); the tests feed both models the same
+pixel tensors.
 """
 
 from __future__ import annotations
 
-import enum
-import importlib.machinery
-import importlib.util
 import json
-import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 
+from benchmarks.upstream_model import import_upstream, open_clip_config
 from export.catalog import build_catalog, catalog_corpus
 from export.modeling.config import VisionConfig
 from export.vocab import EOS, train_demo_tokenizer
-
-# -- imports ----------------------------------------------------------------------------------------------
-
-UPSTREAM_INSTALL = "pip install --no-deps open-flamingo==2.0.1 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4"
-
-
-class _Unavailable:
-    """A torchvision transform or module that may be built but not run."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError(f"{type(self).__name__} comes from the parity tests' torchvision stand-in and cannot run")
-
-
-class _InterpolationMode(enum.Enum):
-    NEAREST = "nearest"
-    NEAREST_EXACT = "nearest-exact"
-    BILINEAR = "bilinear"
-    BICUBIC = "bicubic"
-    BOX = "box"
-    HAMMING = "hamming"
-    LANCZOS = "lanczos"
-
-
-def _module(name: str, attrs: dict[str, Any] | None = None, lazy: bool = False) -> ModuleType:
-    mod = ModuleType(name)
-    mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
-    mod.__path__ = []
-    for key, value in (attrs or {}).items():
-        setattr(mod, key, value)
-    if lazy:  # any other name: a class that can be constructed and subclassed, never run
-
-        def __getattr__(attr: str) -> Any:
-            if attr.startswith("__"):
-                raise AttributeError(attr)
-            return type(attr, (_Unavailable,), {})
-
-        mod.__getattr__ = __getattr__  # type: ignore[method-assign]
-    return mod
-
-
-def _torchvision_stand_in() -> dict[str, ModuleType]:
-    transforms = _module("torchvision.transforms", {"InterpolationMode": _InterpolationMode}, lazy=True)
-    functional = _module("torchvision.transforms.functional", lazy=True)
-    transforms.functional = functional  # type: ignore[attr-defined]
-    misc = _module("torchvision.ops.misc", {"FrozenBatchNorm2d": type("FrozenBatchNorm2d", (_Unavailable,), {})})
-    ops = _module("torchvision.ops", {"misc": misc})
-    root = _module("torchvision", {"transforms": transforms, "ops": ops})
-    return {
-        "torchvision": root,
-        "torchvision.transforms": transforms,
-        "torchvision.transforms.functional": functional,
-        "torchvision.ops": ops,
-        "torchvision.ops.misc": misc,
-    }
-
-
-@contextmanager
-def _torchvision_for_import() -> Iterator[None]:
-    """A torchvision stand-in in ``sys.modules`` for the duration, unless a real one imports."""
-    if importlib.util.find_spec("torchvision") is not None:
-        import torchvision  # noqa: F401  (a real one: use it; a broken one fails here, visibly)
-
-        yield
-        return
-    stand_in = _torchvision_stand_in()
-    sys.modules.update(stand_in)
-    try:
-        yield
-    finally:
-        for name, mod in stand_in.items():
-            if sys.modules.get(name) is mod:
-                del sys.modules[name]
-
-
-def import_upstream() -> tuple[ModuleType, ModuleType]:
-    """(open_flamingo, open_clip), imported with torchvision stood in for; fails naming the install command."""
-    if "open_flamingo" in sys.modules and "open_clip" in sys.modules:
-        return sys.modules["open_flamingo"], sys.modules["open_clip"]
-    # transformers decides whether torchvision is installed when it is asked: ask it now, before the
-    # stand-in exists, by importing everything open_clip and open_flamingo take from it.
-    import transformers.modeling_outputs  # noqa: F401
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-    with _torchvision_for_import():
-        try:
-            import open_clip
-            import open_flamingo
-        except ImportError as exc:
-            raise ImportError(f"{exc}; the parity tests need the upstream packages: {UPSTREAM_INSTALL}") from exc
-    return open_flamingo, open_clip
-
 
 # -- the tiny upstream model ------------------------------------------------------------------------------
 
@@ -159,23 +54,6 @@ EXTRA_CORPUS = [
     "Query: comfortable running shoe for trail days. Select from: Selection",
     "User history: What is the related ID to the query based on the history?",
 ]
-
-
-def open_clip_model_config(v: VisionConfig) -> dict[str, Any]:
-    """An open_clip model config (the JSON format of ``open_clip/model_configs``) with ``v`` as its tower."""
-    return {
-        "embed_dim": 32,
-        "quick_gelu": v.quick_gelu,
-        "vision_cfg": {
-            "image_size": v.image_size,
-            "layers": v.layers,
-            "width": v.width,
-            "head_width": v.width // v.heads,
-            "mlp_ratio": v.mlp_ratio,
-            "patch_size": v.patch_size,
-        },
-        "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
-    }
 
 
 def perturb_(module: nn.Module, gen: torch.Generator, *, redraw_matrices: bool = False) -> None:
@@ -255,7 +133,7 @@ def build_upstream(root: Path, seed: int = 0, num_items: int = 5) -> Upstream:
     # open_clip finds the tower by model name, like the released "ViT-L-14" (no pretrained weights).
     configs = root / "open_clip_configs"
     configs.mkdir(parents=True, exist_ok=True)
-    (configs / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(open_clip_model_config(VISION)))
+    (configs / f"{OPEN_CLIP_NAME}.json").write_text(json.dumps(open_clip_config(VISION)))
     open_clip.add_model_config(configs)
 
     flamingo, _, tokenizer = open_flamingo.create_model_and_transforms(
