@@ -22,8 +22,9 @@ machine. Every loop is bounded both in requests and in seconds.
    Prometheus endpoint during the sweep, and the bytes of the graphs listed in the manifest.
 4. **Shutdown**: seconds from SIGTERM to process exit, after the sweep.
 
-The client threads share the machine with the server, so on a 2-core host the load generator itself
-takes CPU from the server; ``cpu`` in each level says how much each side used.
+The client threads share the machine with the server, so on a small host the load generator itself
+takes CPU from the server; ``cpu`` in each run says how many cores the server, the load generator and
+everything else on the host (``other_cores``: contention from unrelated work) used on average.
 """
 
 from __future__ import annotations
@@ -472,6 +473,8 @@ class LevelRun:
     stopped_by: str = "requests"
     server_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
+    host_busy_s: float = 0.0
+    """CPU seconds every process on the host used meanwhile (server and load generator included)."""
 
 
 def closed_loop(
@@ -508,7 +511,7 @@ def closed_loop(
         with lock:
             run.samples.extend(local)
 
-    cpu0, client0 = server.cpu_seconds(), _own_cpu_seconds()
+    cpu0, client0, host0 = server.cpu_seconds(), _own_cpu_seconds(), _host_busy_seconds()
     started = time.perf_counter()
     threads = [threading.Thread(target=worker, name=f"load-{i}", daemon=True) for i in range(concurrency)]
     for thread in threads:
@@ -518,11 +521,24 @@ def closed_loop(
     run.wall_s = time.perf_counter() - started
     run.server_cpu_s = server.cpu_seconds() - cpu0
     run.client_cpu_s = _own_cpu_seconds() - client0
+    run.host_busy_s = _host_busy_seconds() - host0
     run.started = len(run.samples)
     run.stopped_by = "time" if timed_out.is_set() else "requests"
     if any(t.is_alive() for t in threads):
         log.warning("%d load thread(s) still running after the level's cap", sum(t.is_alive() for t in threads))
     return run
+
+
+def _host_busy_seconds() -> float:
+    """Non-idle CPU seconds of the whole host since boot (/proc/stat), 0 where unavailable."""
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    guest = sum(fields[8:10])  # already counted in user / nice
+    return (sum(fields) - idle - guest) / _CLK_TCK
 
 
 def _own_cpu_seconds() -> float:
@@ -556,6 +572,9 @@ def _run_info(run: LevelRun) -> dict[str, Any]:
         "cpu": {
             "server_cores": round(run.server_cpu_s / run.wall_s, 2) if run.wall_s > 0 else 0.0,
             "load_generator_cores": round(run.client_cpu_s / run.wall_s, 2) if run.wall_s > 0 else 0.0,
+            # other work on the host during the run: a level with a high value was measured under contention
+            "other_cores": round(max(0.0, run.host_busy_s - run.server_cpu_s - run.client_cpu_s) / run.wall_s, 2)
+            if run.wall_s > 0 else 0.0,
         },
     }
 
@@ -597,6 +616,8 @@ def explain_scaling(server: ServerProcess, workload: Workload, settings: LoadSet
             "first_piece": _percentiles_ms([s.first_piece_s for s in ok if s.first_piece_s is not None]),
             "errors": dict(Counter(s.code for s in run.samples if s.code != "OK")),
             "server_cores": round(run.server_cpu_s / run.wall_s, 2) if run.wall_s > 0 else 0.0,
+            "other_cores": round(max(0.0, run.host_busy_s - run.server_cpu_s - run.client_cpu_s) / run.wall_s, 2)
+            if run.wall_s > 0 else 0.0,
         })
     low, high = settings.explain_streams
     out["ratio"] = round(rates[high] / rates[low], 3) if rates.get(low) else None
@@ -869,15 +890,16 @@ def render_markdown(r: dict[str, Any], h: str) -> str:
             e = level["rpcs"][rpc]
             first = e.get("first_piece", {}).get("p50_ms") if rpc == "Explain" else None
             rows.append([level["concurrency"], rpc, e["ok"], e["throughput_rps"], e["p50_ms"], e["p95_ms"], e["p99_ms"],
-                         first, e["resource_exhausted"], sum(e["errors"].values()), e["cpu"]["server_cores"]])
+                         first, e["resource_exhausted"], sum(e["errors"].values()), e["cpu"]["server_cores"],
+                         e["cpu"]["other_cores"]])
         m = level["mixed"]
         rows.append([level["concurrency"], "mixed", sum(v["ok"] for v in m["rpcs"].values()), m["throughput_rps"],
                      m["p50_ms"], m["p95_ms"], m["p99_ms"], m["rpcs"]["Explain"]["first_piece"]["p50_ms"],
-                     m["resource_exhausted"], m["errors"], m["cpu"]["server_cores"]])
+                     m["resource_exhausted"], m["errors"], m["cpu"]["server_cores"], m["cpu"]["other_cores"]])
     out += ["Closed-loop clients on loopback (each RPC alone, then all four interleaved); latency of successful "
             "calls:", "",
             _table(["clients", "rpc", "ok", "req/s", "p50 ms", "p95 ms", "p99 ms", "first piece p50 ms",
-                    "RESOURCE_EXHAUSTED", "other errors", "server cores"], rows)]
+                    "RESOURCE_EXHAUSTED", "other errors", "server cores", "other work, cores"], rows)]
     sc = r["explain_scaling"]
     rows = [[x["streams"], x["tokens"], x["wall_s"], x["tokens_per_s"], x["per_stream_decode_tokens_per_s_median"],
              x["first_piece"]["p50_ms"]] for x in sc["runs"]]

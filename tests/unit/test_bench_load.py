@@ -48,6 +48,7 @@ def test_load_section_quick(tiny_artifacts: Path, tmp_path: Path) -> None:
             assert entry["throughput_rps"] > 0
             assert entry["errors"] == {} and entry["resource_exhausted"] == 0
             assert entry["p50_ms"] <= entry["p95_ms"] <= entry["p99_ms"]
+            assert set(entry["cpu"]) == {"server_cores", "load_generator_cores", "other_cores"}
         assert level["rpcs"]["Explain"]["first_piece"]["p50_ms"] is not None
         assert level["mixed"]["requests"] == 8 and level["mixed"]["throughput_rps"] > 0
         # the mixed run interleaves all four RPCs
