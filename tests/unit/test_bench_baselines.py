@@ -117,6 +117,9 @@ def test_run_quick_returns_every_section(tiny_with_diffusion: Path, tmp_path: Pa
     rec = result["recommendation"]
     assert set(rec["median_s"]) >= {"upstream_beam", "runtime_fast", "runtime_beam", "reference_fast", "reference_beam"}
     assert all(v > 0 for v in rec["median_s"].values())
+    profile = rec["beam_profile"]
+    assert profile["runtime_decode_graph_calls"] == 3  # 4 new tokens: 3 decode calls after the prefill
+    assert 0 < profile["runtime_decode_graph_s"] <= profile["runtime_decode_s"]
     row = rec["per_history"][0]
     assert len(row["fast_top"]) == 10 and len(set(row["fast_top"])) == 10
     assert not set(row["fast_top"]) & set(row["history"])  # history items are excluded
