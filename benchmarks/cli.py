@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.context import BenchContext, machine_info
+from benchmarks.report import SHARED_CORES
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,6 @@ SECTIONS: dict[str, Section] = {  # in run order
 DEFAULT_SECTIONS = "tasks,floor,baselines,load,image"
 PACKAGES = ("unimp-edge", "numpy", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "diffusers",
             "open-flamingo", "open_clip_torch", "grpcio", "matplotlib")
-SHARED_CORES = 0.25
-"""Other processes using more than this many cores on average marks the run as taken on a shared machine."""
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -266,7 +265,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
     contention: dict[str, Any] = dict(meter.read())
     contention.update({"loadavg_start": loadavg_start, "loadavg_end": _loadavg(),
-                       "shared": contention.get("other_cores", 0.0) > SHARED_CORES})
+                       "shared": contention.get("other_cores", 0.0) > SHARED_CORES
+                       or any(c.get("other_cores", 0.0) > SHARED_CORES for c in results["section_contention"].values())})
     results["machine"]["contention"] = contention
     results["duration_s"] = round(meter.elapsed, 1)
     results["targets"] = collect_targets(results["sections"])

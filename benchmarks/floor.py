@@ -188,7 +188,7 @@ class _ProfiledOrt:
         return dict(zip(names, self.session.run(names, feeds)))
 
 
-def _prompt(manifest: Manifest, length: int) -> np.ndarray:
+def prompt_ids(manifest: Manifest, length: int) -> np.ndarray:
     """(T,) ids: one ``<image>`` then ordinary tokens; values do not change the work done."""
     vocab = manifest.decoder.vocab_size
     ids = (np.arange(length, dtype=np.int64) * 7 + 100) % min(vocab, 1000)
@@ -203,7 +203,7 @@ def decode_steps(
     m = manifest
     latents = np.random.default_rng(0).standard_normal((1, m.vision.num_latents, m.vision.width)).astype(np.float32)
     memory = runner.media_kv(latents)
-    logits, state = runner.prefill([PrefillRow(_prompt(m, prompt_len), memory)])
+    logits, state = runner.prefill([PrefillRow(prompt_ids(m, prompt_len), memory)])
     token = np.array([int(np.argmax(logits[0]))], np.int64)
     for _ in range(warmup):  # steps return new states: the prefilled state is reused below
         runner.step([state], [token])

@@ -28,6 +28,8 @@ END_MARKER = "<!-- bench:end -->"
 README_HEADING = "## Performance"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("vision", "prefill", "decode", "other")
+SHARED_CORES = 0.25
+"""Other processes using more than this many cores on average mark a run (or a section) as shared."""
 TASK_LABELS = {"recommend": "recommendation (fast path)", "search": "search (fast path)",
                "explain": "preference + explanation", "select_items": "item selection"}
 
@@ -115,13 +117,23 @@ def render_conditions(results: dict[str, Any]) -> str:
         f"- **Machine**: {machine.get('cpu_model', machine.get('processor', '?'))}, {machine.get('cpus')} CPUs"
         f"{f', {mem / 2**20:.0f} GiB' if mem else ''}; {machine.get('platform', '')}; Python {machine.get('python', '')}.",
     ]
+    busy = {name: c.get("other_cores", 0.0) for name, c in results.get("section_contention", {}).items()
+            if c.get("other_cores", 0.0) > SHARED_CORES}
     if load:
-        shared = load.get("shared")
+        shared = bool(load.get("shared"))
         lines.append(
             f"- **Other work on the machine**: {load.get('other_cores', 0.0):.2f} of {machine.get('cpus')} cores "
             f"busy with other processes on average during the run (load average {load.get('loadavg_start')} at "
             f"the start, {load.get('loadavg_end')} at the end): "
-            + ("**shared machine, timings are noisy and pessimistic**." if shared else "quiet machine.")
+            + ("**other work overlapped some sections** (next line)." if busy
+               else "**shared machine, timings are noisy and pessimistic**." if shared else "quiet machine.")
+        )
+    if busy:
+        lines.append(
+            "- **Sections that shared the CPUs**: "
+            + ", ".join(f"`{n}` ({v:.2f} cores of other work on average)" for n, v in busy.items())
+            + f"; on 2 cores with {cfg.get('threads')} ONNX Runtime threads, a descheduled thread stalls every "
+            "operator, so these sections' absolute times are inflated and their ratios less reliable."
         )
     packages = results.get("packages", {})
     if packages:
@@ -139,6 +151,25 @@ def render_targets(results: dict[str, Any]) -> str:
     if not rows:
         return "No section reported a target."
     return table(["section", "target", "measured", "required", "result", "why / details"], rows)
+
+
+def _step_scaling(conc: dict[str, Any]) -> str:
+    """Per-stream TPOT growth with the stream count, and the runner's batched step cost when measured."""
+    streams = conc.get("streams", {})
+    if len(streams) < 2:
+        return ""
+    lo, hi = min(streams, key=int), max(streams, key=int)
+    one, many = streams[lo].get("tpot_s") or 0.0, streams[hi].get("tpot_s") or 0.0
+    if not one or not many:
+        return ""
+    n = int(hi) / int(lo)
+    text = (f" Per-stream TPOT grows {many / one:.1f}x from {lo} to {hi} streams, so decode-phase tokens/s "
+            f"rises only {n * one / many:.1f}x.")
+    step = conc.get("runner_step_s", {})
+    if step.get(lo) and step.get(hi):
+        text += (f" The decoder step alone (runner, {conc.get('runner_step_context')} tokens of context): "
+                 f"{ms(step[lo])} ms for {lo} row, {ms(step[hi])} ms for {hi} rows ({step[hi] / step[lo]:.1f}x).")
+    return text
 
 
 def render_tasks(r: dict[str, Any], h: str) -> str:
@@ -190,7 +221,7 @@ def render_tasks(r: dict[str, Any], h: str) -> str:
                 table(["streams", "tokens/s", "mean decode batch (rows)", "TTFT ms", "TPOT ms"], rows),
                 "", f"Speed-up at {max(int(k) for k in conc.get('streams', {'1': 0}))} streams: "
                 f"{conc.get('speedup', 0.0):.2f}x (tokens/s over the wall time of all streams, prefills "
-                "included)."]
+                "included)." + _step_scaling(conc)]
     mem = r.get("memory", {})
     if mem:
         out += ["", f"{h} Memory", "", table(["what", "bytes"], [
@@ -298,14 +329,18 @@ def _renderer(name: str) -> SectionRenderer | None:
     return fn if callable(fn) else None
 
 
-def render_body(results: dict[str, Any], level: int = 2, plot_dir: str = "plots") -> str:
-    """Everything below the title: conditions, targets, each section, the plots."""
+def render_body(results: dict[str, Any], level: int = 2, plot_dir: str = "plots", compact: bool = False) -> str:
+    """Everything below the title: conditions, targets, each section, the plots.
+
+    ``compact`` (the README) leaves out the generic tables of sections without a renderer of their own;
+    their targets stay in the targets table and every number stays in results.json / results.md.
+    """
     h = "#" * level
     out = [render_conditions(results), "", f"{h} Targets", "", render_targets(results)]
+    contention = results.get("section_contention", {})
+    summarised = []
     for name, r in results.get("sections", {}).items():
-        if not isinstance(r, dict):
-            continue
-        if "skipped" in r or "error" in r:
+        if not isinstance(r, dict) or "skipped" in r or "error" in r:
             continue
         fn = _renderer(name)
         text = None
@@ -315,9 +350,20 @@ def render_body(results: dict[str, Any], level: int = 2, plot_dir: str = "plots"
             except Exception as exc:  # a renderer that does not match its data: fall back to the numbers
                 log.warning("rendering section %s failed (%s: %s); using the generic tables", name,
                             type(exc).__name__, exc)
+        if text is None and compact:
+            summarised.append(name)
+            continue
         if text is None:
             text = f"{h} {TITLES.get(name, name.capitalize())}\n\n{render_generic(r, h)}"
+        other = contention.get(name, {}).get("other_cores", 0.0)
+        if other > SHARED_CORES:  # under the section's heading
+            head, _, rest = text.partition("\n")
+            text = (f"{head}\n\n_Measured while other processes kept {other:.2f} cores busy on average: absolute "
+                    f"times in this section are inflated._\n{rest}")
         out += ["", text]
+    if summarised:
+        out += ["", "Every number of " + ", ".join(f"`{n}`" for n in summarised)
+                + " is in `results.json` and `results.md` of the run (its targets are in the table above)."]
     notes = [(n, r) for n, r in results.get("sections", {}).items() if isinstance(r, dict) and ("skipped" in r or "error" in r)]
     if notes:
         out += ["", f"{h} Sections not measured", ""]
@@ -541,7 +587,7 @@ def write_plots(results: dict[str, Any], directory: Path) -> list[str]:
 
 
 def readme_block(results: dict[str, Any], plot_dir: str) -> str:
-    return f"{START_MARKER}\n{render_body(results, level=3, plot_dir=plot_dir)}{END_MARKER}"
+    return f"{START_MARKER}\n{render_body(results, level=3, plot_dir=plot_dir, compact=True)}{END_MARKER}"
 
 
 def update_readme(results: dict[str, Any], plots: Path, readme: Path, docs: Path) -> None:

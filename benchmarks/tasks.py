@@ -21,6 +21,8 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from benchmarks.context import BenchContext
 from runtime.backends import BackendConfig
 from runtime.engine import Runtime, RuntimeConfig
@@ -338,6 +340,26 @@ def _media_kv_s(rt: Runtime, req: Requests, repeats: int) -> float:
     return _median(times)
 
 
+def runner_step_s(rt: Runtime, rows: int, prompt_len: int, steps: int) -> float:
+    """Median time of one decoder step for ``rows`` rows of ``prompt_len`` context, through the runner alone
+    (no scheduler, no sampling): how much a batched step costs compared with a 1-row step."""
+    from benchmarks.floor import prompt_ids
+    from runtime.decoder.runner import PrefillRow
+
+    m = rt.manifest
+    latents = np.zeros((1, m.vision.num_latents, m.vision.width), np.float32)
+    memory = rt.runner.media_kv(latents)
+    _, state = rt.runner.prefill([PrefillRow(prompt_ids(m, prompt_len), memory)] * rows)
+    tokens = np.full(rows, m.tokens.item_start, np.int64)
+    rt.runner.step([state], [tokens])  # warm-up for this batch shape
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        _, (state,) = rt.runner.step([state], [tokens])
+        times.append(time.perf_counter() - t0)
+    return _median(times)
+
+
 def run(ctx: BenchContext) -> dict[str, Any]:
     repeats = max(1, ctx.repeats)
     rss_start = rss_bytes()
@@ -357,6 +379,9 @@ def run(ctx: BenchContext) -> dict[str, Any]:
             }
             images = _inline_images(rt, req, repeats)
         streams = _streams(ctx, rt, req, max(1, min(repeats, 3)))
+        context, steps = (64, 3) if ctx.quick else (160, 8)
+        streams["runner_step_s"] = {str(n): runner_step_s(rt, n, context, steps) for n in STREAMS}
+        streams["runner_step_context"] = context
         tokens = _prompt_tokens(rt, req)
         media_kv_s = _media_kv_s(rt, req, repeats)
         stats = rt.stats()
@@ -400,16 +425,21 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     ttft_note = (
         f"hit TTFT {1e3 * ttft_hit:.1f} ms = vision {1e3 * hit['vision_s']:.1f} + cross-attention K/V of all "
         f"{len(req.rated) + 1} images {1e3 * media_kv_s:.1f} (recomputed on a hit) + prefill of the "
-        f"{tokens['suffix']}-token suffix ~{1e3 * suffix_s:.1f} + rating step and first token "
+        f"{tokens['suffix']}-token suffix ~{1e3 * suffix_s:.1f} + rating step to the first piece "
         f"{1e3 * max(0.0, ttft_hit - hit['vision_s'] - hit['prefill_s']):.1f}; the cached prefix is "
         f"{tokens['prefix']} of {tokens['prompt']} tokens, so prefill alone cannot drop below "
         f"{tokens['suffix'] / tokens['prompt']:.0%} of a miss's"
     )
     one, many = streams["streams"]["1"], streams["streams"][str(STREAMS[-1])]
+    step = streams["runner_step_s"]
+    step_1, step_n = step[str(STREAMS[0])], step[str(STREAMS[-1])]
     stream_note = (
         f"{one['tokens_per_s']:.1f} -> {many['tokens_per_s']:.1f} tokens/s; mean decode batch "
         f"{many['mean_batch_rows']:.1f} rows; TPOT {1e3 * one['tpot_s']:.1f} ms at 1 stream, "
-        f"{1e3 * many['tpot_s']:.1f} ms at {STREAMS[-1]}"
+        f"{1e3 * many['tpot_s']:.1f} ms at {STREAMS[-1]}; TTFT {1e3 * one['ttft_s']:.0f} -> "
+        f"{1e3 * many['ttft_s']:.0f} ms ({STREAMS[-1]} prefills share the CPUs); the decoder step alone (runner, "
+        f"{streams['runner_step_context']} tokens of context) takes {1e3 * step_1:.1f} ms for 1 row and "
+        f"{1e3 * step_n:.1f} ms for {STREAMS[-1]} rows ({step_n / step_1 if step_1 else 0.0:.1f}x)"
     )
     targets = [
         {
