@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import fields
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -112,19 +113,7 @@ def export_checkpoint(
             xattn_heads=cfg.lm.xattn_heads,
             xattn_head_dim=cfg.lm.xattn_dim_head,
         ),
-        tokens=TokenIds(
-            bos=vocab.bos,
-            eos=vocab.eos,
-            pad=vocab.pad,
-            image=vocab.image,
-            endofchunk=vocab.endofchunk,
-            answer=vocab.answer,
-            rates=vocab.rates,
-            selections=vocab.selections,
-            item_start=vocab.item_start,
-            item_count=vocab.item_count,
-            image_codes_start=vocab.image_codes_start,
-        ),
+        tokens=TokenIds(**{f.name: getattr(vocab, f.name) for f in fields(TokenIds)}),
         graphs=graphs,
         files=files,
         names=names,

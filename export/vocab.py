@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from runtime.manifest import TokenIds
+
 EOS = "<|endoftext|>"
 ENDOFCHUNK = "<|endofchunk|>"
 IMAGE = "<image>"
@@ -26,21 +28,10 @@ def image_code_token(k: int) -> str:
 
 
 @dataclass(frozen=True)
-class AddedVocab:
-    """Token ids after UniMP's additions (what the manifest records)."""
+class AddedVocab(TokenIds):
+    """The manifest's token ids after UniMP's additions, plus the resulting vocabulary size."""
 
-    bos: int
-    eos: int
-    pad: int
-    image: int
-    endofchunk: int
-    answer: int
-    rates: list[int]
-    selections: list[int]
-    item_start: int
-    item_count: int
-    image_codes_start: int
-    size: int
+    size: int = 0
 
 
 def add_unimp_tokens(tok: Tokenizer, num_items: int, eos: str = EOS) -> AddedVocab:
