@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -425,6 +425,3 @@ def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int 
     write_checkpoint_dir(out, model, base, base_vocab, meta)
     return out
 
-
-def with_vocab(cfg: UniMPConfig, vocab_size: int) -> UniMPConfig:
-    return replace(cfg, lm=replace(cfg.lm, vocab_size=vocab_size))

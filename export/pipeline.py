@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from export.checkpoints import build_demo_checkpoint, load_checkpoint
 from export.graphs import export_graph, graph_entry, validate_graph
+from export.modeling.config import CLIP_MEAN, CLIP_STD
 from export.specs import all_specs
 from runtime.manifest import (
     SCHEMA_VERSION,
@@ -99,8 +100,8 @@ def export_checkpoint(
             patch_size=cfg.vision.patch_size,
             width=cfg.vision.width,
             num_latents=cfg.perceiver.num_latents,
-            mean=[0.48145466, 0.4578275, 0.40821073],
-            std=[0.26862954, 0.26130258, 0.27577711],
+            mean=list(CLIP_MEAN),
+            std=list(CLIP_STD),
         ),
         decoder=DecoderDims(
             num_layers=cfg.lm.num_hidden_layers,

@@ -173,10 +173,9 @@ def encode(prompt: Prompt, tokenizer: Tokenizer, endofchunk_id: int, image_id: i
 
 
 def history_from_request(items: tuple[HistoryItem, ...]) -> tuple[HistoryItem, ...]:
-    """Validation shared by all tasks: an item is a catalog id, or inline attributes + image."""
+    """Ratings are 1..5 when given (whether an item is a catalog id or an inline image is checked when
+    the engine resolves it against the catalog)."""
     for k, item in enumerate(items):
-        if not item.item_id and not item.image:
-            raise InvalidRequest(f"history[{k}] needs an item_id or an inline image", field=f"history[{k}]")
         if item.rating and not 1 <= item.rating <= 5:
             raise InvalidRequest(f"history[{k}].rating must be 1..5", field=f"history[{k}].rating")
     return items
