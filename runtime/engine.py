@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,17 @@ from runtime.backends import BackendConfig, open_session
 from runtime.catalog import Catalog
 from runtime.decoder.kv_cache import PrefixCache, RowState, prefix_key
 from runtime.decoder.runner import DecoderRunner, PrefillRow, prefix_entry
-from runtime.decoding.beam import BeamSearchConfig, beam_search
-from runtime.decoding.detokenize import IncrementalDetokenizer
-from runtime.decoding.itemslice import admissible_items, item_topk, rating_distribution, select_candidates
+from runtime.decoding.beam import AllowedTokensFn, BeamResult, BeamSearchConfig, beam_search
+from runtime.decoding.detokenize import IncrementalDetokenizer, StrippedPieces
+from runtime.decoding.itemslice import (
+    admissible_items,
+    hypothesis_items,
+    item_topk,
+    rating_distribution,
+    select_candidates,
+)
 from runtime.decoding.sampling import SamplingConfig, TokenGenerator
+from runtime.decoding.trie import TokenTrie
 from runtime.manifest import Manifest, load_manifest
 from runtime.prompts import (
     EncodedPrompt,
@@ -67,6 +75,8 @@ log = logging.getLogger(__name__)
 MAX_TOP_K = 1000
 MAX_NEW_TOKENS = 512
 MAX_BEAMS = 16
+_SENTINEL_FLOOR = -1.0e8
+"""Beam scores at or below this are the search's -1e9 "no hypothesis" sentinel, not log-probabilities."""
 
 
 @dataclass(frozen=True)
@@ -281,6 +291,10 @@ class Runtime:
         if mode == DecodeMode.FAST:
             top = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks)  # type: ignore[arg-type]
             ranked = top.pairs()
+        elif mode == DecodeMode.BEAM_CONSTRAINED:
+            t0 = time.perf_counter()
+            ranked, tokens = self._constrained_beam_items(pre, top_k, beam, masks, cancel)
+            decode_s = time.perf_counter() - t0
         else:
             t0 = time.perf_counter()
             ranked, tokens = self._beam_items(pre, beam, masks, cancel)
@@ -297,7 +311,11 @@ class Runtime:
     def _beam_items(
         self, pre: _Prefilled, beam: BeamOptions, masks: dict[str, np.ndarray | None], cancel: CancelToken | None
     ) -> tuple[list[tuple[int, float]], int]:
-        """Paper-parity beam search; returns admissible items in hypothesis order, with sequence scores."""
+        """Paper-parity beam search over the whole vocabulary; returns the items the hypotheses spell.
+
+        Each hypothesis, best first, contributes the first item token it contains if that item is
+        admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
+        Possibly fewer items than hypotheses, possibly none."""
         if not 1 <= beam.num_beams <= MAX_BEAMS:
             raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="beam.num_beams")
         if not 1 <= beam.num_return_sequences <= beam.num_beams:
@@ -316,19 +334,71 @@ class Runtime:
         )
         result = self._run_beams(pre, cfg, cancel)
         ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
-        seen: set[int] = set()
-        ranked = []
-        for seq, score in zip(result.sequences(), result.scores):
-            for token in seq:
-                index = int(token) - t.item_start
-                if 0 <= index < t.item_count:  # the first item token of the hypothesis is its answer
-                    if ok[index] and index not in seen:
-                        seen.add(index)
-                        ranked.append((index, float(score)))
-                    break
-        return ranked, int(result.steps)
+        return hypothesis_items(result, t.item_start, ok), int(result.steps)
 
-    def _run_beams(self, pre: _Prefilled, cfg: BeamSearchConfig, cancel: CancelToken | None):  # type: ignore[no-untyped-def]
+    def _constrained_beam_items(
+        self, pre: _Prefilled, top_k: int, beam: BeamOptions, masks: dict[str, np.ndarray | None],
+        cancel: CancelToken | None,
+    ) -> tuple[list[tuple[int, float]], int]:
+        """Beam search constrained to admissible catalog items: min(top_k, admissible) distinct items.
+
+        The trie spells admissible item ``k`` as the answer prefix (see ``_answer_prefix``), then
+        ``item_k``, then EOS, so every hypothesis is one item and all have the same length; scores are
+        unpenalised sequence log-probabilities (length_penalty 0). With ``num_beams >= top_k`` beams and
+        at least ``top_k`` admissible items, the ``num_beams`` surviving beams after the item step are
+        distinct admissible items, so ``top_k`` of them come back.
+        """
+        if not 1 <= beam.num_beams <= MAX_BEAMS:
+            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="beam.num_beams")
+        if beam.num_beams < top_k:
+            raise InvalidRequest(f"beam.num_beams: must be >= top_k ({top_k}) in constrained beam mode, "
+                                 f"got {beam.num_beams}", field="beam.num_beams")
+        t = self.manifest.tokens
+        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
+        admissible = np.flatnonzero(ok)  # (A,) item indices
+        if admissible.size == 0:
+            return [], 0
+        prefix = self._answer_prefix
+        trie = TokenTrie.atomic_items(t.item_start, admissible, t.eos, prefix)
+        cfg = BeamSearchConfig(
+            num_beams=beam.num_beams,
+            num_return_sequences=beam.num_beams,
+            max_new_tokens=len(prefix) + 2,  # prefix, item, EOS
+            length_penalty=0.0,
+            eos_token_id=t.eos,
+            pad_token_id=t.pad,
+        )
+        result = self._run_beams(pre, cfg, cancel, allowed_tokens=trie.allowed, ban=False)
+        ranked: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for seq, score in zip(result.sequences(), result.scores):
+            index = trie.lookup(seq)
+            # rows that never left the search's -1e9 sentinel (fewer admissible items than beams) repeat items
+            if index < 0 or index in seen or not score > _SENTINEL_FLOOR:
+                continue
+            seen.add(index)
+            ranked.append((index, float(score)))
+        return ranked[:top_k], int(result.steps)
+
+    @cached_property
+    def _answer_prefix(self) -> tuple[int, ...]:
+        """Tokens before ``item_k`` when the tokenizer encodes the reference answer `` item_k`` (UniMP's
+        target follows ``<answer>`` with a space): the byte-level BPE's whitespace token, or nothing."""
+        t = self.manifest.tokens
+        name = self.tokenizer.id_to_token(t.item_start)
+        ids = self.tokenizer.encode(f" {name}", add_special_tokens=False).ids if name else []
+        if not ids or ids[-1] != t.item_start:
+            log.warning("the tokenizer does not encode ' %s' as a prefix then the item token (%s); "
+                        "constrained beams spell items without a prefix", name, ids)
+            return ()
+        return tuple(int(i) for i in ids[:-1])
+
+    def _run_beams(
+        self, pre: _Prefilled, cfg: BeamSearchConfig, cancel: CancelToken | None, *,
+        allowed_tokens: AllowedTokensFn | None = None, ban: bool = True,
+    ) -> BeamResult:
+        """Beam search from the prefill in one decode slot; ``ban``: no image, answer or pad token."""
+        processor = self._ban if ban else None
         with self.scheduler.admit(cancel) as slot:
             slot.track(pre.state)
             holder = {"state": pre.state}
@@ -338,7 +408,8 @@ class Runtime:
                 logits, holder["state"] = slot.step(state, tokens, cancel)
                 return logits
 
-            return beam_search(pre.logits, advance, cfg, logits_processor=self._ban, cancel=cancel)
+            return beam_search(pre.logits, advance, cfg, logits_processor=processor, allowed_tokens=allowed_tokens,
+                               cancel=cancel)
 
     # -- preference and explanation ---------------------------------------------------------------------
     def _preference_prefill(self, request: PreferenceRequest) -> _Prefilled:
@@ -357,21 +428,34 @@ class Runtime:
         return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
-        result = None
-        for event in self.explain(request):
-            if isinstance(event, PreferenceResult):
-                result = event
-        assert result is not None
-        return result
+        """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone.
+
+        No decode slot is taken and no text is generated (``explanation`` "", ``finish_reason`` "",
+        ``timings.tokens`` 0); the distribution is the one ``explain`` reports for the same request.
+        ``request.sampling`` is validated as for ``explain`` but not used."""
+        t_start = time.perf_counter()
+        pre = self._preference_prefill(request)
+        dist = rating_distribution(pre.logits, self.manifest.tokens.rates)
+        return PreferenceResult(
+            rating_distribution=tuple(float(p) for p in dist.probs),
+            expected_rating=dist.expected,
+            rating=dist.rating,
+            timings=Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start,
+                            pre.vision_s + pre.prefill_s, 0, pre.hit),
+        )
 
     def explain(self, request: PreferenceRequest) -> Iterator[TextPiece | PreferenceResult]:
-        """Rating distribution from the prefill; then ``rate_r`` (the argmax) and the explanation, streamed."""
+        """Rating distribution from the prefill; then ``rate_r`` (the argmax) and the explanation, streamed.
+
+        The explanation is the decoded text without leading or trailing whitespace, and the streamed
+        pieces concatenate to exactly that text (greedy, sampled, and beam: one piece, the whole text)."""
         t_start = time.perf_counter()
         pre = self._preference_prefill(request)
         t = self.manifest.tokens
         dist = rating_distribution(pre.logits, t.rates)
         s = request.sampling
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        stripped = StrippedPieces()
         first_token_s = 0.0
         produced = 0
         finish = "eos"
@@ -383,7 +467,9 @@ class Runtime:
             if s.num_beams > 1:
                 text, produced, finish = self._explain_beam(logits[0], state, slot, s, request.cancel)
                 first_token_s = time.perf_counter() - t_start
-                yield TextPiece(text)
+                piece = stripped.push(text)
+                if piece:
+                    yield TextPiece(piece)
             else:
                 holder = {"state": state}
 
@@ -401,24 +487,23 @@ class Runtime:
                     if token is None:
                         break
                     produced += 1
-                    piece = detok.push(token)
+                    piece = stripped.push(detok.push(token))
                     if piece:
                         if not first_token_s:
                             first_token_s = time.perf_counter() - t_start
                         yield TextPiece(piece)
-                tail = detok.flush()
+                tail = stripped.push(detok.flush())
                 if tail:
                     yield TextPiece(tail)
                 finish = gen.finish_reason or "eos"
                 if finish == "cancelled":
                     check_cancel(request.cancel)
         decode_s = time.perf_counter() - t0
-        text = detok.text if s.num_beams == 1 else text
         yield PreferenceResult(
             rating_distribution=tuple(float(p) for p in dist.probs),
             expected_rating=dist.expected,
             rating=dist.rating,
-            explanation=text.strip(),
+            explanation=stripped.text,
             finish_reason=finish,
             timings=Timings(pre.vision_s, pre.prefill_s, decode_s, time.perf_counter() - t_start,
                             first_token_s or (pre.vision_s + pre.prefill_s), produced, pre.hit),

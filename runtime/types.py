@@ -112,7 +112,15 @@ class DecodeMode(str, Enum):
     FAST = "fast"
     """One prefill, then top-k over the item-token slice."""
     BEAM = "beam"
-    """Paper-parity beam search (HF semantics)."""
+    """Paper-parity beam search (HF semantics) over the whole vocabulary. Each hypothesis, best first,
+    contributes the first item token it contains, if that item is admissible and not returned yet; the
+    result holds the items the hypotheses spell: possibly fewer than top_k, possibly none (a model that
+    does not answer with an item token). Scores: the hypotheses' length-penalised sequence scores."""
+    BEAM_CONSTRAINED = "beam_constrained"
+    """Beam search whose hypotheses can only spell admissible catalog items followed by EOS (a token trie
+    built from the masks): exactly min(top_k, admissible items) distinct items. Needs num_beams >= top_k;
+    max_new_tokens, length_penalty and early_stopping do not apply. Scores: sequence log-probabilities
+    (item spelling and EOS, unpenalised)."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +171,8 @@ class SearchRequest:
 class ScoredItem:
     item_id: str
     score: float
-    """Log-probability (fast path: of the item token; beam: the sequence score)."""
+    """Log-probability (fast path: of the item token; beam: the length-penalised sequence score;
+    constrained beam: the log-probability of the item's spelling and EOS)."""
     meta: ItemMeta | None = None
 
 
@@ -204,7 +213,7 @@ class PreferenceResult:
     """argmax of the distribution."""
     explanation: str = ""
     finish_reason: str = ""
-    """"eos", "length", "cancelled"."""
+    """"eos", "length", "cancelled"; "" when no text was generated (``predict_preference``)."""
     timings: Timings = field(default_factory=Timings)
 
 

@@ -8,12 +8,13 @@
 """
 
 from runtime.decoding.beam import BeamResult, BeamSearchConfig, beam_search
-from runtime.decoding.detokenize import IncrementalDetokenizer
+from runtime.decoding.detokenize import IncrementalDetokenizer, StrippedPieces
 from runtime.decoding.itemslice import (
     RatingDistribution,
     Selection,
     TopItems,
     admissible_items,
+    hypothesis_items,
     item_topk,
     rating_distribution,
     select_candidates,
@@ -28,12 +29,14 @@ __all__ = [
     "RatingDistribution",
     "SamplingConfig",
     "Selection",
+    "StrippedPieces",
     "TokenGenerator",
     "TokenTrie",
     "TopItems",
     "admissible_items",
     "beam_search",
     "greedy_token",
+    "hypothesis_items",
     "item_topk",
     "rating_distribution",
     "sample_token",

@@ -84,3 +84,39 @@ class IncrementalDetokenizer:
             return full[len(emitted) :]
         log.warning("incremental detokenization diverged from the full decode; emitted text kept as is")
         return ""
+
+
+class StrippedPieces:
+    """Re-cuts a stream of text pieces so that their concatenation is the full text ``.strip()``-ed.
+
+    Leading whitespace is dropped; whitespace at the current end is held back until more text follows,
+    and dropped at the end of the stream. Streamed explanations use it so that the pieces a client joins
+    equal the final message's text exactly. Not thread-safe: one per stream.
+    """
+
+    def __init__(self) -> None:
+        self._started = False
+        self._held = ""
+        """Trailing whitespace not emitted yet."""
+        self._emitted: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (the stripped text, once the stream has ended)."""
+        return "".join(self._emitted)
+
+    def push(self, piece: str) -> str:
+        """Add the next piece; return the text to emit now (possibly "")."""
+        if not self._started:
+            piece = piece.lstrip()
+            if not piece:
+                return ""
+            self._started = True
+        body = piece.rstrip()
+        if not body:
+            self._held += piece
+            return ""
+        out = self._held + body
+        self._held = piece[len(body) :]
+        self._emitted.append(out)
+        return out

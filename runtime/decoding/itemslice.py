@@ -6,6 +6,7 @@ vocabulary, so scores are comparable with beam search's first-step scores. Masks
 not be returned; ``top_k`` is capped at the number of admissible items.
 
 Items are addressed by their index in the slice (``k`` for ``item_k``), not by token id.
+``hypothesis_items`` reads items back out of free (unconstrained) beam-search hypotheses.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.decoding.beam import topk_desc
+from runtime.decoding.beam import BeamResult, topk_desc
 from runtime.types import InvalidRequest
 
 IndexOrMask = np.ndarray | list[int] | tuple[int, ...]
@@ -190,3 +191,29 @@ def select_candidates(
     probs = restricted_softmax(logits, ids[:num_candidates])  # [n]
     order = np.argsort(-probs, kind="stable")[:max_selected]
     return Selection(selected=tuple(int(i) for i in order), scores=tuple(float(p) for p in probs))
+
+
+def hypothesis_items(
+    hypotheses: BeamResult, item_start: int, admissible: np.ndarray
+) -> list[tuple[int, float]]:
+    """(item index, sequence score) pairs that free beam-search hypotheses spell, best hypothesis first.
+
+    Each hypothesis contributes the first item token it contains (``item_start <= id < item_start +
+    len(admissible)``), if that item is admissible (bool [count]) and no better hypothesis contributed it;
+    hypotheses without an item token contribute nothing. So there may be fewer items than hypotheses,
+    or none.
+    """
+    ok = np.asarray(admissible, dtype=bool).reshape(-1)
+    count = ok.shape[0]
+    seen: set[int] = set()
+    ranked = []
+    for seq, score in zip(hypotheses.sequences(), hypotheses.scores):
+        index = seq - item_start
+        inside = np.flatnonzero((index >= 0) & (index < count))
+        if inside.size == 0:
+            continue
+        first = int(index[inside[0]])  # the first item token of the hypothesis is its answer
+        if ok[first] and first not in seen:
+            seen.add(first)
+            ranked.append((first, float(score)))
+    return ranked

@@ -24,13 +24,23 @@ class _Node:
 
 
 class TokenTrie:
-    """Prefix tree of token sequences; item ``i`` is ``sequences[i]``."""
+    """Prefix tree of token sequences; ``sequences[i]`` spells item ``items[i]`` (default: item ``i``)."""
 
-    def __init__(self, sequences: Iterable[Sequence[int] | np.ndarray], eos_token_id: int) -> None:
+    def __init__(
+        self,
+        sequences: Iterable[Sequence[int] | np.ndarray],
+        eos_token_id: int,
+        items: Iterable[int] | None = None,
+    ) -> None:
+        """``items``, when given, names the item index of each sequence (default: 0, 1, 2, ...)."""
         self.eos_token_id = int(eos_token_id)
         self._root = _Node()
         self._count = 0
-        for index, seq in enumerate(sequences):
+        indices = iter(items) if items is not None else None
+        for position, seq in enumerate(sequences):
+            index = position if indices is None else int(next(indices, -1))
+            if index < 0:
+                raise ValueError(f"sequence {position} has no item index (items is shorter, or negative)")
             tokens = [int(t) for t in np.asarray(seq, dtype=np.int64).reshape(-1)]
             if not tokens:
                 raise ValueError(f"item {index} has an empty token sequence")
@@ -53,6 +63,17 @@ class TokenTrie:
         if table.ndim != 2:
             raise ValueError(f"item_tokens must have shape [num_items, tokens_per_item], got {table.shape}")
         return cls(list(table), eos_token_id)
+
+    @classmethod
+    def atomic_items(
+        cls, item_start: int, items: np.ndarray | Sequence[int], eos_token_id: int, prefix: Sequence[int] = ()
+    ) -> TokenTrie:
+        """Items that are one token each (``item_k`` is id ``item_start + k``), spelled after ``prefix`` (the
+        tokens every answer starts with, e.g. the whitespace token a byte-level BPE puts before an added
+        token): item ``k`` in ``items`` is ``(*prefix, item_start + k)``."""
+        index = np.asarray(items, dtype=np.int64).reshape(-1)
+        head = [int(t) for t in prefix]
+        return cls(([*head, item_start + int(k)] for k in index), eos_token_id, items=index.tolist())
 
     def __len__(self) -> int:
         return self._count

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from runtime.backends import BackendConfig
+from runtime.decoding.beam import BeamSearchConfig
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.prompts import encode
 from runtime.types import (
@@ -89,14 +90,128 @@ def test_masked_items_never_appear(rt: Runtime) -> None:
     assert res.items and all(i.meta is not None and i.meta.category == "Shoes" for i in res.items)
 
 
-def test_beam_mode_returns_items_in_hypothesis_order(rt: Runtime) -> None:
+def test_beam_mode_returns_the_items_its_hypotheses_spell(rt: Runtime) -> None:
+    """Paper-parity beam: each hypothesis's first item token, if admissible and new; possibly none."""
+    from runtime.decoding.itemslice import admissible_items
+    from runtime.prompts import recommendation_prompt
     from runtime.types import BeamOptions
 
-    res = rt.recommend(RecommendRequest(HISTORY, top_k=10, mode=DecodeMode.BEAM,
-                                        beam=BeamOptions(num_beams=4, num_return_sequences=4, max_new_tokens=6)))
-    scores = [i.score for i in res.items]
-    assert scores == sorted(scores, reverse=True)
-    assert res.timings.tokens >= 1
+    beam = BeamOptions(num_beams=4, num_return_sequences=4, max_new_tokens=6)
+    res = rt.recommend(RecommendRequest(HISTORY, top_k=10, mode=DecodeMode.BEAM, beam=beam))
+    prompt = recommendation_prompt(rt._resolve(HISTORY), rt.config.max_history)
+    pre = rt._prefill(prompt, "", None)
+    t = rt.manifest.tokens
+    cfg = BeamSearchConfig(num_beams=4, num_return_sequences=4, max_new_tokens=6, eos_token_id=t.eos,
+                           pad_token_id=t.pad)
+    hyp = rt._run_beams(pre, cfg, None)
+    assert len(hyp.sequences()) == 4 and res.timings.tokens == hyp.steps >= 1
+    ok = admissible_items(t.item_count, exclude=list(prompt.history_tokens), unavailable=~rt.catalog.available_mask())
+    expected: list[tuple[str, float]] = []
+    for seq, score in zip(hyp.sequences(), hyp.scores):
+        first = [int(x) - t.item_start for x in seq if 0 <= int(x) - t.item_start < t.item_count][:1]
+        if first and ok[first[0]] and all(rt.catalog.token_of(e[0]) != first[0] for e in expected):
+            entry = rt.catalog.by_token(first[0])
+            assert entry is not None
+            expected.append((entry.item_id, float(score)))
+    assert [i.item_id for i in res.items] == [e[0] for e in expected]  # on the random tiny model: often none
+    np.testing.assert_allclose([i.score for i in res.items], [e[1] for e in expected], rtol=1e-5, atol=1e-6)
+
+
+def _answer_logprobs(rt: Runtime, prompt, candidates: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Full prefills (no decode step) of the prompt, the prompt + " ", and prompt + " " + item_k for each
+    candidate k: log p(" " | prompt), log p(item_k | prompt " ") over all items, log p(EOS | prompt " " item_k)."""
+    from runtime.decoder.runner import PrefillRow
+    from runtime.decoding.itemslice import log_softmax64
+
+    t = rt.manifest.tokens
+    enc = encode(prompt, rt.tokenizer, t.endofchunk, t.image)
+    latents, _ = rt._media_latents(prompt.images)
+    memory = rt.runner.media_kv(latents)
+    ws = rt.tokenizer.encode(" item_0", add_special_tokens=False).ids[:-1]
+    assert [rt.tokenizer.id_to_token(i) for i in ws] == ["\u0120"]  # the demo's BPE: a whitespace token first
+    logits0, _ = rt.runner.prefill([PrefillRow(enc.ids, memory)])
+    logits1, _ = rt.runner.prefill([PrefillRow(np.concatenate([enc.ids, ws]), memory)])
+    lp_ws = float(log_softmax64(logits0[0])[ws[0]])
+    lp_items = log_softmax64(logits1[0])[t.item_start: t.item_start + t.item_count]
+    lp_eos = np.zeros(0)
+    if len(candidates):
+        rows = [PrefillRow(np.concatenate([enc.ids, ws, [t.item_start + int(k)]]), memory) for k in candidates]
+        lp_eos = log_softmax64(rt.runner.prefill(rows)[0])[:, t.eos]
+    return lp_ws, lp_items, lp_eos
+
+
+@pytest.mark.parametrize("item_filter", [ItemFilter(), ItemFilter(categories=("Shoes",))], ids=["default", "shoes"])
+def test_constrained_beam_equals_beam_search_over_the_item_trie(rt: Runtime, item_filter: ItemFilter) -> None:
+    """With `` item_k`` spelled as [whitespace, item_k] then EOS, the beams after the item step are the
+    item-slice top-num_beams (at the position after the whitespace), and each final score is
+    log p(ws) + log p(item_k) + log p(EOS | item_k): the item-slice ranking plus the EOS term."""
+    from runtime.decoding.itemslice import admissible_items
+    from runtime.prompts import recommendation_prompt
+    from runtime.types import BeamOptions
+
+    top_k, nb = 5, 8
+    res = rt.recommend(RecommendRequest(HISTORY, top_k=top_k, mode=DecodeMode.BEAM_CONSTRAINED, filter=item_filter,
+                                        beam=BeamOptions(num_beams=nb)))
+    assert res.timings.tokens == 3  # whitespace, item, EOS
+    prompt = recommendation_prompt(rt._resolve(HISTORY), rt.config.max_history)
+    t = rt.manifest.tokens
+    category = rt.catalog.category_mask(list(item_filter.categories)) if item_filter.categories else None
+    ok = admissible_items(t.item_count, exclude=list(prompt.history_tokens), unavailable=~rt.catalog.available_mask(),
+                          category_mask=category)
+    assert ok.sum() > nb
+    lp_ws, lp_items, _ = _answer_logprobs(rt, prompt, np.zeros(0, np.int64))
+    slice_scores = np.where(ok, lp_items, -np.inf)
+    order = np.argsort(-slice_scores, kind="stable")
+    survivors = order[:nb]  # the beams after the item step
+    assert slice_scores[order[nb - 1]] - slice_scores[order[nb]] > 1e-4  # the cut is not a near-tie
+    _, _, lp_eos = _answer_logprobs(rt, prompt, survivors)
+    total = lp_ws + slice_scores[survivors] + lp_eos
+    final = np.argsort(-total, kind="stable")[:top_k]
+    assert np.all(-np.diff(total[np.argsort(-total)])[:top_k] > 1e-4)  # the ranking is not a near-tie
+
+    got = [rt.catalog.token_of(i.item_id) for i in res.items]
+    assert got == survivors[final].tolist()
+    scores = np.array([i.score for i in res.items])
+    np.testing.assert_allclose(scores, total[final], rtol=1e-5, atol=1e-5)
+    # the item-slice ranking, up to the EOS term
+    np.testing.assert_allclose(scores - lp_eos[final] - lp_ws, slice_scores[survivors[final]], rtol=1e-5, atol=1e-5)
+    assert all(ok[k] for k in got) and len(set(got)) == top_k
+
+
+def test_constrained_beam_returns_top_k_admissible_items_under_every_mask(rt: Runtime) -> None:
+    from runtime.types import BeamOptions
+
+    def run(top_k: int, item_filter: ItemFilter, history: tuple[HistoryItem, ...] = HISTORY) -> list[str]:
+        res = rt.recommend(RecommendRequest(history, top_k=top_k, mode=DecodeMode.BEAM_CONSTRAINED,
+                                            filter=item_filter, beam=BeamOptions(num_beams=16)))
+        ids = [i.item_id for i in res.items]
+        assert len(set(ids)) == len(ids)
+        return ids
+
+    history_ids = {h.item_id for h in HISTORY}
+    unavailable = {rt.catalog.by_token(int(k)) for k in np.flatnonzero(~rt.catalog.available_mask())}
+    unavailable_ids = {e.item_id for e in unavailable if e is not None}
+    got = run(16, ItemFilter())
+    assert len(got) == 16 and not set(got) & history_ids and not set(got) & unavailable_ids
+    included = run(16, ItemFilter(exclude_history=False), history=HISTORY[:1] * 4)
+    assert len(included) == 16
+    allow = ("P00001", "P00002", "P00003", "P00050")
+    assert set(run(10, ItemFilter(allow=allow))) == set(allow) - {"P00003"} - unavailable_ids  # fewer admissible
+    assert len(run(2, ItemFilter(allow=allow))) == 2
+    shoes = run(12, ItemFilter(categories=("Shoes",)))
+    assert len(shoes) == 12 and all(rt.catalog.get(i).meta.category == "Shoes" for i in shoes)
+    assert run(5, ItemFilter(allow=("P00003",))) == []  # nothing admissible: no item, no decoding
+    search = rt.search(SearchRequest(HISTORY, query="red running shoe", top_k=7, mode=DecodeMode.BEAM_CONSTRAINED,
+                                     beam=BeamOptions(num_beams=7)))
+    assert len(search.items) == 7
+
+
+def test_constrained_beam_needs_a_beam_per_item(rt: Runtime) -> None:
+    from runtime.types import BeamOptions, InvalidRequest
+
+    with pytest.raises(InvalidRequest) as bad:
+        rt.recommend(RecommendRequest(HISTORY, top_k=6, mode=DecodeMode.BEAM_CONSTRAINED, beam=BeamOptions(num_beams=4)))
+    assert bad.value.field == "beam.num_beams" and str(bad.value).startswith("beam.num_beams: ")
 
 
 def test_prefix_cache_hit_equals_miss(rt: Runtime) -> None:
@@ -130,21 +245,49 @@ def test_rating_distribution_matches_reference(rt: Runtime, tiny_reference) -> N
     assert abs(res.expected_rating - float(np.dot(np.arange(1, 6), expected))) < 1e-6
 
 
-def test_streamed_text_equals_non_streamed(rt: Runtime) -> None:
-    req = PreferenceRequest(RATED, HistoryItem(item_id="P00021"), SamplingOptions(max_new_tokens=24))
+def _explained(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]:
+    """Drain an Explain stream: the joined text pieces and the final result."""
     events = list(rt.explain(req))
-    pieces = "".join(e.text for e in events if isinstance(e, TextPiece))
     final = events[-1]
-    assert isinstance(final, PreferenceResult)
-    assert pieces.strip() == final.explanation
-    assert rt.predict_preference(req).explanation == final.explanation
-    assert final.timings.tokens >= 1
+    assert isinstance(final, PreferenceResult) and all(isinstance(e, TextPiece) for e in events[:-1])
+    return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
+
+
+@pytest.mark.parametrize("opts", [
+    SamplingOptions(max_new_tokens=10),
+    SamplingOptions(temperature=1.5, seed=2, max_new_tokens=10),  # starts with a space on the tiny demo
+    SamplingOptions(temperature=1.0, top_p=0.9, seed=5, max_new_tokens=16),
+    SamplingOptions(num_beams=3, max_new_tokens=8),
+], ids=["greedy", "sampled-space", "sampled", "beam"])
+def test_streamed_pieces_join_to_the_explanation(rt: Runtime, opts: SamplingOptions) -> None:
+    for target in ("P00021", "P00033", "P00050"):
+        for history in (RATED, RATED[:1]):
+            pieces, final = _explained(rt, PreferenceRequest(history, HistoryItem(item_id=target), opts))
+            assert pieces == final.explanation
+            assert final.explanation == final.explanation.strip() and final.timings.tokens >= 1
+
+
+def test_predict_preference_is_rating_only(rt: Runtime) -> None:
+    """The distribution from the prefill alone: Explain's distribution, no decode step, no text."""
+    for target, history in (("P00021", RATED), ("P00044", RATED[1:])):
+        req = PreferenceRequest(history, HistoryItem(item_id=target), SamplingOptions(max_new_tokens=12))
+        _, explained = _explained(rt, req)
+        before = rt.stats()
+        res = rt.predict_preference(req)
+        after = rt.stats()
+        assert after["decode_steps"] == before["decode_steps"] and after["decode_rows"] == before["decode_rows"]
+        assert after["kv_bytes"] == 0 and after["active_sequences"] == 0
+        np.testing.assert_allclose(res.rating_distribution, explained.rating_distribution, rtol=1e-5, atol=1e-7)
+        assert res.rating == explained.rating
+        assert abs(res.expected_rating - explained.expected_rating) <= 1e-5 * explained.expected_rating
+        assert res.explanation == "" and res.finish_reason == "" and res.timings.tokens == 0
+        assert res.timings.decode == 0.0
 
 
 def test_sampling_is_seeded(rt: Runtime) -> None:
     def run(seed: int) -> str:
         opts = SamplingOptions(temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=12)
-        return rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00021"), opts)).explanation
+        return _explained(rt, PreferenceRequest(RATED, HistoryItem(item_id="P00021"), opts))[1].explanation
 
     assert run(7) == run(7)
 
@@ -160,14 +303,14 @@ def test_selection_scores(rt: Runtime) -> None:
 def test_batched_decoding_equals_unbatched(rt: Runtime) -> None:
     """Concurrent explanations (joining late, leaving early) are token-identical to one-at-a-time runs."""
     reqs = [PreferenceRequest(RATED[: 1 + k % 3], HistoryItem(item_id=f"P{20 + k:05d}"),
-                              SamplingOptions(max_new_tokens=6 + 5 * k)) for k in range(4)]
-    alone = [rt.predict_preference(r).explanation for r in reqs]
+                              SamplingOptions(max_new_tokens=40 + 5 * k)) for k in range(4)]
+    alone = [_explained(rt, r)[1].explanation for r in reqs]
     steps0, rows0 = rt.scheduler.steps, rt.scheduler.batched_rows
     results: list[str | None] = [None] * len(reqs)
 
     def worker(i: int) -> None:
         time.sleep(0.03 * i)  # staggered arrivals: later ones join a running batch
-        results[i] = rt.predict_preference(reqs[i]).explanation
+        results[i] = _explained(rt, reqs[i])[1].explanation
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(reqs))]
     for th in threads:
@@ -215,7 +358,8 @@ def test_overload_is_bounded(tiny_artifacts: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
             assert rt.scheduler.queue_depth == 1
             with pytest.raises(Overloaded):
-                rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00030")))
+                list(rt.explain(PreferenceRequest(RATED, HistoryItem(item_id="P00030"))))
+            rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00030")))  # no decode slot needed
             cancel.cancel()
             waiter.join(timeout=5)
             assert not errors and rt.scheduler.queue_depth == 0

@@ -281,3 +281,17 @@ def test_constrained_matches_transformers(hf, num_beams, num_return, length_pena
     for seq in ours.sequences():
         assert seq[-1] == EOS and trie.lookup(seq) >= 0
         assert seq[:-1].tolist() in items
+
+
+def test_atomic_item_trie_spells_only_the_given_items_after_the_prefix() -> None:
+    start, ws = 50, 7
+    trie = TokenTrie.atomic_items(start, np.array([4, 9, 2]), eos_token_id=EOS, prefix=(ws,))
+    assert len(trie) == 3
+    assert trie.allowed([]).tolist() == [ws]
+    assert trie.allowed([ws]).tolist() == [start + 2, start + 4, start + 9]
+    assert trie.allowed([ws, start + 9]).tolist() == [EOS]
+    assert trie.allowed([ws, start + 5]).tolist() == [EOS]  # off the trie: EOS only (a dead row)
+    assert trie.lookup([ws, start + 9, EOS]) == 9 and trie.lookup([ws, start + 2]) == 2
+    assert trie.lookup([start + 9, EOS]) == -1 and trie.lookup([ws]) == -1
+    bare = TokenTrie.atomic_items(start, [1], eos_token_id=EOS)
+    assert bare.allowed([]).tolist() == [start + 1] and bare.allowed([start + 1]).tolist() == [EOS]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from runtime.decoding.detokenize import IncrementalDetokenizer
+from runtime.decoding.detokenize import IncrementalDetokenizer, StrippedPieces
 
 SPECIALS = ["<|endoftext|>", "<|endofchunk|>", "<answer>", "<PAD>"]
 CORPUS = [
@@ -112,3 +112,18 @@ def test_extend_matches_push(tokenizer: Tokenizer) -> None:
     detok = IncrementalDetokenizer(tokenizer)
     assert detok.extend(ids.tolist()) + detok.flush() == "日本 café 🎁"
     assert detok.ids == tuple(ids.tolist())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=" \t\nab\u00a0\u3000", max_size=4), max_size=8))
+def test_stripped_pieces_concatenate_to_the_stripped_text(pieces: list[str]) -> None:
+    out = StrippedPieces()
+    emitted = [out.push(p) for p in pieces]
+    assert "".join(emitted) == "".join(pieces).strip() == out.text
+    assert all(e == "" or (e.strip() and not e[-1].isspace()) for e in emitted)  # whitespace is held back
+
+
+def test_stripped_pieces_hold_inner_whitespace_until_text_follows() -> None:
+    out = StrippedPieces()
+    assert [out.push(p) for p in (" ", " Great", " ", "fit. ", " ")] == ["", "Great", "", " fit.", ""]
+    assert out.text == "Great fit."

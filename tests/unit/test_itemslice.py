@@ -7,8 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runtime.decoding.beam import BeamResult
 from runtime.decoding.itemslice import (
     admissible_items,
+    hypothesis_items,
     item_topk,
     rating_distribution,
     select_candidates,
@@ -130,3 +132,24 @@ def test_select_candidates() -> None:
     np.testing.assert_allclose(sel.scores, direct, rtol=1e-12)
     with pytest.raises(InvalidRequest):
         select_candidates(logits, sel_ids, num_candidates=6, max_selected=2)
+
+
+def test_hypothesis_items_take_each_hypothesis_first_admissible_item() -> None:
+    eos, pad = 0, 0
+    rows = [
+        [5, START + 7, eos],  # item 7 (after a whitespace-like token)
+        [START + 3, START + 9, eos],  # item 3: the first item token is the answer, item 9 is ignored
+        [START + 7, eos, pad],  # item 7 again: already returned by a better hypothesis
+        [6, 8, eos],  # no item token: nothing
+        [START + 11, eos, pad],  # item 11: not admissible
+        [START + COUNT, START + 2, eos],  # an id just past the slice is not an item; then item 2
+    ]
+    lengths = np.array([3, 3, 2, 3, 2, 3])
+    scores = np.array([-1.0, -1.5, -2.0, -2.5, -3.0, -3.5], np.float32)
+    hyp = BeamResult(tokens=np.array(rows, np.int64), scores=scores, lengths=lengths, steps=3)
+    ok = np.ones(COUNT, bool)
+    ok[11] = False
+    got = hypothesis_items(hyp, START, ok)
+    assert [i for i, _ in got] == [7, 3, 2]
+    np.testing.assert_allclose([s for _, s in got], scores[[0, 1, 5]], rtol=0)
+    assert hypothesis_items(hyp, START, np.zeros(COUNT, bool)) == []
