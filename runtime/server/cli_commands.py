@@ -166,7 +166,9 @@ def _history_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=10, help="items to return (default: %(default)s)")
-    parser.add_argument("--mode", choices=["fast", "beam"], default="fast", help="decoding (default: %(default)s)")
+    parser.add_argument("--mode", choices=["fast", "beam", "beam_constrained"], default="fast",
+                        help="decoding: fast (item-slice top-k), beam (paper-parity; may return fewer items), "
+                             "beam_constrained (beams spell only admissible items) (default: %(default)s)")
     parser.add_argument("--include-history", action="store_true", help="allow items already in the history")
     parser.add_argument("--allow", action="append", default=[], metavar="ID", help="only return these ids")
     parser.add_argument("--category", action="append", default=[], help="only return items of these categories")

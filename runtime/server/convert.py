@@ -60,7 +60,9 @@ _ALLOWED_CONTROLS = frozenset("\t\n\r")
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _MODES = {ppb.DECODE_MODE_UNSPECIFIED: DecodeMode.FAST, ppb.DECODE_MODE_FAST: DecodeMode.FAST,
-          ppb.DECODE_MODE_BEAM: DecodeMode.BEAM}
+          ppb.DECODE_MODE_BEAM: DecodeMode.BEAM, ppb.DECODE_MODE_BEAM_CONSTRAINED: DecodeMode.BEAM_CONSTRAINED}
+_MODE_PROTOS = {DecodeMode.FAST: ppb.DECODE_MODE_FAST, DecodeMode.BEAM: ppb.DECODE_MODE_BEAM,
+                DecodeMode.BEAM_CONSTRAINED: ppb.DECODE_MODE_BEAM_CONSTRAINED}
 _SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: "ddim", ppb.IMAGE_SCHEDULER_DDIM: "ddim",
                ppb.IMAGE_SCHEDULER_EULER: "euler", ppb.IMAGE_SCHEDULER_PNDM: "pndm"}
 _FINISH = {"eos": ppb.FINISH_REASON_EOS, "length": ppb.FINISH_REASON_LENGTH,
@@ -495,7 +497,7 @@ def history_to_proto(items: Iterable[HistoryItem | str]) -> list[ppb.HistoryItem
 def decode_options_to_proto(
     top_k: int, mode: DecodeMode, item_filter: ItemFilter | None, beam: BeamOptions | None
 ) -> ppb.DecodeOptions:
-    msg = ppb.DecodeOptions(top_k=top_k, mode=ppb.DECODE_MODE_BEAM if mode == DecodeMode.BEAM else ppb.DECODE_MODE_FAST)
+    msg = ppb.DecodeOptions(top_k=top_k, mode=_MODE_PROTOS[DecodeMode(mode)])
     if item_filter is not None:
         msg.filter.exclude_history = item_filter.exclude_history
         msg.filter.allow_item_ids.extend(item_filter.allow)

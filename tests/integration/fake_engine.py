@@ -243,7 +243,7 @@ class FakeEngine:
         self._begin("predict_preference", request)
         self._work("predict_preference", request.cancel, self.steps)
         self._count(self.finished, "predict_preference")
-        return self._prediction(request, "", "eos", 1)
+        return self._prediction(request, "", "", 0)  # rating only, like the real engine
 
     def explain(self, request: PreferenceRequest) -> Iterator[TextPiece | PreferenceResult]:
         self._begin("explain", request)

@@ -13,7 +13,7 @@ from runtime.client import RpcError, UnimpClient
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.server.app import ServerThread
 from runtime.server.config import ServerConfig
-from runtime.types import HistoryItem, PreferenceResult, SamplingOptions, TextPiece
+from runtime.types import DecodeMode, HistoryItem, PreferenceResult, SamplingOptions, TextPiece
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,12 @@ def test_text_rpcs_on_the_real_engine(server) -> None:  # type: ignore[no-untype
         events = list(client.explain("P00021", rated, sampling=SamplingOptions(max_new_tokens=8)))
         final = events[-1]
         assert isinstance(final, PreferenceResult) and abs(sum(final.rating_distribution) - 1) < 1e-5
-        assert "".join(e.text for e in events if isinstance(e, TextPiece)).strip() == final.explanation
+        assert "".join(e.text for e in events if isinstance(e, TextPiece)) == final.explanation
+        prediction = client.predict_preference("P00021", rated, sampling=SamplingOptions(max_new_tokens=8))
+        assert prediction.explanation == "" and prediction.timings.tokens == 0
+        assert prediction.rating_distribution == pytest.approx(final.rating_distribution, rel=1e-5, abs=1e-7)
+        beam = client.recommend(history, top_k=4, mode=DecodeMode.BEAM_CONSTRAINED)
+        assert len({i.item_id for i in beam.items}) == 4 and not {i.item_id for i in beam.items} & set(history)
         sel = client.select_items(["P00060", "P00061"], history, max_selected=1)
         assert len(sel.selected) == 1
 
