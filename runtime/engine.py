@@ -263,9 +263,9 @@ class Runtime:
                 f"top_k: is {top_k}, above the limit of {lim.beam_top_k_limit()} in beam mode (one item per beam)",
                 field="top_k",
             )
-        if not top_k <= beam.num_beams <= lim.max_beams:
-            raise InvalidRequest(f"beam.num_beams: must be in top_k..{lim.max_beams} ({top_k}..{lim.max_beams}), "
-                                 f"got {beam.num_beams}", field="beam.num_beams")
+        if not 1 <= beam.num_beams <= lim.max_beams:
+            raise InvalidRequest(f"beam.num_beams: must be in 1..{lim.max_beams}, got {beam.num_beams}",
+                                 field="beam.num_beams")
         if not 1 <= beam.num_return_sequences <= beam.num_beams:
             raise InvalidRequest(f"beam.num_return_sequences: must be in 1..num_beams ({beam.num_beams}), got "
                                  f"{beam.num_return_sequences}", field="beam.num_return_sequences")
