@@ -13,11 +13,13 @@ Free text may not contain the prompt markers the model uses as structure (``<ima
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import re
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult
 from runtime.server.config import LimitsConfig
+from runtime.server.errors import with_field
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
 from runtime.types import (
@@ -41,6 +44,7 @@ from runtime.types import (
     PreferenceResult,
     RecommendRequest,
     RecommendResult,
+    RuntimeError_,
     SamplingOptions,
     ScoredItem,
     SearchRequest,
@@ -283,6 +287,49 @@ def sampling_options(msg: ppb.SamplingOptions, limits: LimitsConfig) -> Sampling
 
 def user_id(msg: Any, limits: LimitsConfig, required: bool = False) -> str:
     return check_id(msg.user_id, "user_id", limits, required=required)
+
+
+# -- engine field names -> request paths --------------------------------------------------------------
+
+ENGINE_OPTION_FIELDS = frozenset({"top_k", "mode", "filter", "beam"})
+"""Engine field names that sit under ``options`` in Recommend and Search requests."""
+_HISTORY_INDEX = re.compile(r"^history\[(\d+)\]")
+
+
+def request_path(field: str, stored_history: int = 0) -> str:
+    """The request path of a field the engine names relative to its request dataclasses.
+
+    ``top_k``, ``mode``, ``filter.*`` and ``beam.*`` live under ``options``; the engine's history is the
+    stored interactions followed by the request's items, so ``history[k]`` is the request's
+    ``history[k - stored_history]``, or ``user_id`` when it is one of the ``stored_history`` stored
+    items. Other names (``sampling.top_p``, ``target``, ``candidates[1].item_id``, ``query``) are the same
+    on the wire.
+    """
+    head = field.split(".", 1)[0].split("[", 1)[0]
+    if head in ENGINE_OPTION_FIELDS:
+        return f"options.{field}"
+    match = _HISTORY_INDEX.match(field)
+    if match and stored_history:
+        k = int(match.group(1))
+        return "user_id" if k < stored_history else f"history[{k - stored_history}]{field[match.end():]}"
+    return field
+
+
+@contextlib.contextmanager
+def request_paths(stored_history: int = 0) -> Iterator[None]:
+    """Re-raise the engine's errors (only around engine calls) naming request paths (``request_path``)."""
+    try:
+        yield
+    except RuntimeError_ as exc:
+        if exc.field is None:
+            raise
+        path = request_path(exc.field, stored_history)
+        if path == exc.field:
+            raise
+        message = with_field(str(exc), exc.field, path)
+        if path == "user_id":
+            message = f"user_id: a stored interaction ({exc.field}): {message[len(path) + 2:]}"
+        raise type(exc)(message, path) from exc
 
 
 # -- server: requests --------------------------------------------------------------------------------

@@ -53,24 +53,10 @@ class Status:
         return ((FIELD_METADATA_KEY, self.field),) if self.field else ()
 
 
-ENGINE_OPTION_FIELDS = frozenset({"top_k", "mode", "filter", "beam"})
-"""Engine field names that live under ``options`` in Recommend and Search requests."""
-
-
-def request_path(field: str) -> str:
-    """The request path of a field named by the engine or by ``convert``.
-
-    The engine names fields relative to its request dataclasses (``top_k``, ``beam.num_beams``,
-    ``filter.allow_item_ids[2]``); on the wire those sit under ``options``. Paths from ``convert`` are
-    already request paths and pass through unchanged, as do the fields both share (``history[1].rating``,
-    ``sampling.top_p``, ``target``, ``candidates[0].item_id``, ``query``).
-    """
-    head = field.split(".", 1)[0].split("[", 1)[0]
-    return f"options.{field}" if head in ENGINE_OPTION_FIELDS else field
-
-
-def _with_field(message: str, field: str | None, path: str | None) -> str:
-    """``message`` starting with ``path``: a leading ``field`` (the raiser's name for it) is replaced."""
+def with_field(message: str, field: str | None, path: str | None = None) -> str:
+    """``message`` as ``"<path>: ..."``; a leading ``field`` (the raiser's name for it) is replaced by
+    ``path`` (default: ``field``)."""
+    path = path or field
     if not field or not path:
         return message
     for name in (field, path):
@@ -86,8 +72,7 @@ def status_for(exc: BaseException, request_id: str = "") -> Status:
         code = STATUS_BY_KIND.get(exc.kind, grpc.StatusCode.INTERNAL)
         if code is grpc.StatusCode.INTERNAL:
             logger.error("engine internal error", exc_info=exc)
-        path = request_path(exc.field) if exc.field else None
-        return Status(code, _with_field(str(exc) or exc.kind.value, exc.field, path), path)
+        return Status(code, with_field(str(exc) or exc.kind.value, exc.field), exc.field)
     if isinstance(exc, Unauthenticated):
         return Status(grpc.StatusCode.UNAUTHENTICATED, str(exc))
     if isinstance(exc, PermissionDenied):

@@ -304,3 +304,32 @@ def test_catalog_edits_then_lookups_use_request_paths(served: Served) -> None:
     with pytest.raises(grpc.RpcError) as info:
         call(served.channel, "GetItem", cpb.GetItemRequest(item_id="NEW-CONTRACT"))
     assert info.value.code() == NOT_FOUND and info.value.details().startswith("item_id: ")
+
+
+def test_engine_history_indices_become_request_paths_after_stored_interactions(served: Served) -> None:
+    def record(user: str, item: str, rating: int) -> None:
+        call(served.channel, "RecordInteraction", ppb.RecordInteractionRequest(
+            user_id=user, item=ppb.HistoryItem(item_id=item, rating=rating)))
+
+    target = ppb.HistoryItem(item_id="P00021")
+    # two rated stored interactions, then an unrated inline item: the engine's history[3] is the request's history[1]
+    record("carol", "P00005", 4)
+    record("carol", "P00009", 2)
+    request = ppb.PredictPreferenceRequest(user_id="carol", target=target, history=[
+        ppb.HistoryItem(item_id="P00012", rating=5), ppb.HistoryItem(item_id="P00030")])
+    with pytest.raises(grpc.RpcError) as info:
+        call(served.channel, "PredictPreference", request)
+    assert info.value.code() == INVALID
+    assert info.value.details().startswith("history[1].rating: ")
+    assert dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY) == "history[1].rating"
+    # an unrated stored interaction is not a request field: the error names user_id
+    record("dave", "P00005", 0)
+    with pytest.raises(grpc.RpcError) as info:
+        call(served.channel, "Explain", ppb.ExplainRequest(user_id="dave", target=target, history=rated()))
+    assert info.value.code() == INVALID
+    assert info.value.details().startswith("user_id: a stored interaction (history[0].rating): ")
+    assert dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY) == "user_id"
+    # fully rated, the same requests succeed
+    ok = call(served.channel, "PredictPreference", ppb.PredictPreferenceRequest(
+        user_id="carol", target=target, history=rated(), sampling=ppb.SamplingOptions(max_new_tokens=2)))
+    assert abs(sum(ok.prediction.rating_distribution) - 1) < 1e-5
