@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +34,7 @@ from runtime.decoding.itemslice import (
 )
 from runtime.decoding.sampling import SamplingConfig, TokenGenerator
 from runtime.decoding.trie import TokenTrie
+from runtime.limits import Limits
 from runtime.manifest import Manifest, load_manifest
 from runtime.prompts import (
     EncodedPrompt,
@@ -72,9 +73,6 @@ from runtime.vision import LatentStore, VisionEncoder, preprocess
 
 log = logging.getLogger(__name__)
 
-MAX_TOP_K = 1000
-MAX_NEW_TOKENS = 512
-MAX_BEAMS = 16
 _SENTINEL_FLOOR = -1.0e8
 """Beam scores at or below this are the search's -1e9 "no hypothesis" sentinel, not log-probabilities."""
 
@@ -93,7 +91,9 @@ class RuntimeConfig:
     max_queued: int = 32
     """Requests waiting for a decode slot before new ones are refused (Overloaded)."""
     max_history: int = 4
-    """History items in a prompt (UniMP evaluates with the last 4)."""
+    """History items in a prompt (UniMP evaluates with the last 4); fewer when the prompt would not fit."""
+    limits: Limits = field(default_factory=Limits)
+    """Bounds on top_k, beams and new tokens (the server passes its ``[limits]`` section)."""
     progress: bool = True
 
 
@@ -186,7 +186,8 @@ class Runtime:
                 meta = meta or entry.meta
                 token = entry.token
                 if not item.image and not entry.has_image:
-                    raise InvalidRequest(f"{name}[{k}]: catalog item {item.item_id!r} has no image", field=f"{name}[{k}].image")
+                    raise InvalidRequest(f"{name}[{k}].item_id: catalog item {item.item_id!r} has no image",
+                                         field=f"{name}[{k}].item_id")
             out.append(ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation))
         return tuple(out)
 
@@ -211,7 +212,8 @@ class Runtime:
         enc: EncodedPrompt = encode(prompt, self.tokenizer, t.endofchunk, t.image)
         if len(enc.ids) >= self.manifest.decoder.max_positions:
             raise InvalidRequest(
-                f"prompt of {len(enc.ids)} tokens exceeds the model's {self.manifest.decoder.max_positions} positions",
+                f"history: prompt of {len(enc.ids)} tokens exceeds the model's "
+                f"{self.manifest.decoder.max_positions} positions",
                 field="history",
             )
         latents, vision_s = self._media_latents(prompt.images)
@@ -232,6 +234,57 @@ class Runtime:
             logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
         return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
 
+    def _fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> Prompt:
+        """The prompt with the most recent history items (up to ``max_history``) that fits the model.
+
+        ``build(n)`` makes the prompt from the newest ``n`` history items. The oldest items are dropped
+        until the prompt leaves room for one generated token; when even the newest item alone does not
+        fit, the rest of the prompt is too long and the error names ``blame`` (``query``, ``target``,
+        ``candidates``, or the newest history item) with the token counts.
+        """
+        limit = self.manifest.decoder.max_positions - 1
+        t = self.manifest.tokens
+        n = history_len if self.config.max_history <= 0 else min(self.config.max_history, history_len)
+        n = start = max(n, 1)
+        while True:
+            prompt = build(n)
+            length = len(encode(prompt, self.tokenizer, t.endofchunk, t.image).ids)
+            if length <= limit:
+                if n < start:
+                    log.debug("prompt fits with the newest %d history items (%d tokens)", n, length)
+                return prompt
+            if n == 1:
+                raise InvalidRequest(
+                    f"{blame}: the prompt is {length} tokens even with only the newest history item; "
+                    f"the model takes at most {limit} prompt tokens ({limit + 1} positions)",
+                    field=blame,
+                )
+            n -= 1
+
+    def _check_decoding(self, top_k: int, mode: DecodeMode, beam: BeamOptions) -> None:
+        """top_k, beam width and new tokens within ``config.limits`` (see runtime.limits for the semantics)."""
+        lim = self.config.limits
+        if not 1 <= top_k <= lim.max_top_k:
+            raise InvalidRequest(f"top_k: must be in 1..{lim.max_top_k}, got {top_k}", field="top_k")
+        if mode == DecodeMode.FAST:
+            return
+        if top_k > lim.beam_top_k_limit():
+            raise InvalidRequest(
+                f"top_k: is {top_k}, above the limit of {lim.beam_top_k_limit()} in beam mode (one item per beam)",
+                field="top_k",
+            )
+        if not 1 <= beam.num_beams <= lim.max_beams:
+            raise InvalidRequest(f"beam.num_beams: must be in 1..{lim.max_beams}, got {beam.num_beams}",
+                                 field="beam.num_beams")
+        if mode == DecodeMode.BEAM_CONSTRAINED:
+            return  # one item per beam; num_return_sequences and max_new_tokens do not apply
+        if not 1 <= beam.num_return_sequences <= beam.num_beams:
+            raise InvalidRequest(f"beam.num_return_sequences: must be in 1..num_beams ({beam.num_beams}), got "
+                                 f"{beam.num_return_sequences}", field="beam.num_return_sequences")
+        if not 1 <= beam.max_new_tokens <= lim.max_new_tokens:
+            raise InvalidRequest(f"beam.max_new_tokens: must be in 1..{lim.max_new_tokens}, got {beam.max_new_tokens}",
+                                 field="beam.max_new_tokens")
+
     def _ban(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         scores = np.array(scores, copy=True)
         scores[..., self._banned] = -np.inf  # no new image, answer or pad token can be generated
@@ -240,20 +293,21 @@ class Runtime:
     # -- recommendation and search ----------------------------------------------------------------------
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         history = self._resolve(history_from_request(request.history))
-        prompt = recommendation_prompt(history, self.config.max_history)
+        prompt = self._fit(lambda n: recommendation_prompt(history, n), len(history), f"history[{len(history) - 1}]")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel)
 
     def search(self, request: SearchRequest) -> RecommendResult:
         history = self._resolve(history_from_request(request.history))
-        prompt = search_prompt(history, request.query, self.config.max_history)
+        prompt = self._fit(lambda n: search_prompt(history, request.query, n), len(history), "query")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel)
 
     def _item_masks(self, item_filter: ItemFilter, history: tuple[int, ...]) -> dict[str, np.ndarray | None]:
         allow = None
         if item_filter.allow:
-            allow = np.array([self._token_for(i, "filter.allow") for i in item_filter.allow], np.int64)
+            allow = np.array([self._token_for(item_id, f"filter.allow_item_ids[{i}]")
+                              for i, item_id in enumerate(item_filter.allow)], np.int64)
         return {
             "exclude": np.array(history, np.int64) if item_filter.exclude_history and history else None,
             "unavailable": ~self._catalog.available_mask(),
@@ -265,7 +319,7 @@ class Runtime:
         try:
             token = self._catalog.token_of(item_id)
         except NotFound as exc:
-            raise InvalidRequest(f"{field_name}: unknown item {item_id!r}", field=field_name) from exc
+            raise NotFound(f"{field_name}: unknown catalog item {item_id!r}", field=field_name) from exc
         if token < 0:
             raise InvalidRequest(f"{field_name}: item {item_id!r} has no model token", field=field_name)
         return token
@@ -280,8 +334,7 @@ class Runtime:
         tenant: str,
         cancel: CancelToken | None,
     ) -> RecommendResult:
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}", field="top_k")
+        self._check_decoding(top_k, mode, beam)
         t_start = time.perf_counter()
         self.requests += 1
         pre = self._prefill(prompt, tenant, cancel)
@@ -316,12 +369,6 @@ class Runtime:
         Each hypothesis, best first, contributes the first item token it contains if that item is
         admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
         Possibly fewer items than hypotheses, possibly none."""
-        if not 1 <= beam.num_beams <= MAX_BEAMS:
-            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="beam.num_beams")
-        if not 1 <= beam.num_return_sequences <= beam.num_beams:
-            raise InvalidRequest("num_return_sequences must be in 1..num_beams", field="beam.num_return_sequences")
-        if not 1 <= beam.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}", field="beam.max_new_tokens")
         t = self.manifest.tokens
         cfg = BeamSearchConfig(
             num_beams=beam.num_beams,
@@ -348,8 +395,6 @@ class Runtime:
         at least ``top_k`` admissible items, the ``num_beams`` surviving beams after the item step are
         distinct admissible items, so ``top_k`` of them come back.
         """
-        if not 1 <= beam.num_beams <= MAX_BEAMS:
-            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="beam.num_beams")
         if beam.num_beams < top_k:
             raise InvalidRequest(f"beam.num_beams: must be >= top_k ({top_k}) in constrained beam mode, "
                                  f"got {beam.num_beams}", field="beam.num_beams")
@@ -416,16 +461,21 @@ class Runtime:
         history = self._resolve(history_from_request(request.history))
         (target,) = self._resolve((request.target,), name="target")
         s = request.sampling
+        lim = self.config.limits
         if not 0 <= s.temperature <= 5:
-            raise InvalidRequest("temperature must be in 0..5", field="sampling.temperature")
+            raise InvalidRequest(f"sampling.temperature: must be in 0..5, got {s.temperature}",
+                                 field="sampling.temperature")
         if not 0 < s.top_p <= 1:
-            raise InvalidRequest("top_p must be in (0, 1]", field="sampling.top_p")
-        if not 1 <= s.max_new_tokens <= MAX_NEW_TOKENS:
-            raise InvalidRequest(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}", field="sampling.max_new_tokens")
-        if not 1 <= s.num_beams <= MAX_BEAMS:
-            raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="sampling.num_beams")
+            raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {s.top_p}", field="sampling.top_p")
+        if not 1 <= s.max_new_tokens <= lim.max_new_tokens:
+            raise InvalidRequest(f"sampling.max_new_tokens: must be in 1..{lim.max_new_tokens}, got {s.max_new_tokens}",
+                                 field="sampling.max_new_tokens")
+        if not 1 <= s.num_beams <= lim.max_beams:
+            raise InvalidRequest(f"sampling.num_beams: must be in 1..{lim.max_beams}, got {s.num_beams}",
+                                 field="sampling.num_beams")
         self.requests += 1
-        return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel)
+        prompt = self._fit(lambda n: preference_prompt(history, target, n), len(history), "target")
+        return self._prefill(prompt, request.tenant, request.cancel)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
         """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone.
@@ -529,9 +579,11 @@ class Runtime:
         history = self._resolve(history_from_request(request.history))
         candidates = self._resolve(request.candidates, name="candidates")
         if not 1 <= request.max_selected <= max(1, len(candidates)):
-            raise InvalidRequest("max_selected must be in 1..number of candidates", field="max_selected")
+            raise InvalidRequest(f"max_selected: must be in 1..{max(1, len(candidates))} (the number of candidates), "
+                                 f"got {request.max_selected}", field="max_selected")
         self.requests += 1
-        pre = self._prefill(selection_prompt(history, candidates, self.config.max_history), request.tenant, request.cancel)
+        prompt = self._fit(lambda n: selection_prompt(history, candidates, n), len(history), "candidates")
+        pre = self._prefill(prompt, request.tenant, request.cancel)
         sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
         timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
         return SelectResult(sel.selected, sel.scores, timings)

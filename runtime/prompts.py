@@ -125,9 +125,10 @@ def preference_prompt(
 ) -> Prompt:
     items = _history(history, max_history)
     chunks = []
-    for i in items:
+    for k, i in enumerate(items, start=len(history) - len(items)):
         if not 1 <= i.rating <= 5:
-            raise InvalidRequest("every preference history item needs a rating 1..5", field="history.rating")
+            raise InvalidRequest(f"history[{k}].rating: preference history items need a rating 1..5, got {i.rating}",
+                                 field=f"history[{k}].rating")
         explanation = f" {sanitize(i.explanation)}" if sanitize(i.explanation) else ""
         chunks.append(f"<image> {render_meta(i.meta)} <answer> rate_{i.rating}{explanation} <|endofchunk|> ")
     prefix = "".join(chunks)

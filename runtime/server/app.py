@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from PIL import Image
 
 from runtime.api import Engine
+from runtime.limits import Limits
 from runtime.server.auth import Authenticator, AuthInterceptor, check_bind_security
 from runtime.server.config import ConfigError, ServerConfig
 from runtime.server.metrics import ServerMetrics
@@ -42,11 +43,11 @@ SERVICE_NAMES = (PERSONALIZATION.full_name, CATALOG.full_name)
 """Services whose health follows the engine ("" is the whole server)."""
 
 
-def open_runtime(artifacts: Path) -> Engine:
-    """Open the real engine on an artifacts directory."""
-    from runtime.engine import Runtime
+def open_runtime(artifacts: Path, limits: Limits | None = None) -> Engine:
+    """Open the real engine on an artifacts directory, enforcing the server's limits."""
+    from runtime.engine import Runtime, RuntimeConfig
 
-    engine: Engine = Runtime.open(artifacts)
+    engine: Engine = Runtime.open(artifacts, RuntimeConfig(limits=limits or Limits()))
     return engine
 
 
@@ -206,7 +207,7 @@ def create_server(
         artifacts = Path(config.artifacts)
 
         def engine_factory() -> Engine:
-            return open_runtime(artifacts)
+            return open_runtime(artifacts, config.limits)
 
     Image.MAX_IMAGE_PIXELS = config.limits.max_image_pixels
     server = UnimpServer(config, engine, engine_factory)

@@ -1,6 +1,7 @@
 """Bearer-token authentication, admin authorization, and the rule on which addresses may be bound.
 
-* Clients send ``authorization: Bearer <token>``. A client token (``auth.tokens``, one per tenant)
+* Clients send exactly one ``authorization: Bearer <token>`` (a request with two is rejected, so a
+  proxy that appends its own header cannot make the server pick one of them). A client token (``auth.tokens``, one per tenant)
   may call every Personalization RPC, read the catalog and use reflection; only ``auth.admin_token``
   may call UpsertItem and DeleteItem. The health service is always open (load balancers probe it).
 * With no token configured, authentication is off; that is only allowed on a loopback address.
@@ -90,9 +91,14 @@ class Authenticator:
         """The caller named by the metadata's bearer token; raises Unauthenticated."""
         if not self.enabled:
             return ANONYMOUS
-        header = next((v for k, v in (metadata or ()) if k == "authorization"), None)
-        if header is None:
+        headers = [v for k, v in (metadata or ()) if k == "authorization"]
+        if not headers:
             raise Unauthenticated("missing bearer token: send metadata 'authorization: Bearer <token>'")
+        if len(headers) > 1:
+            raise Unauthenticated(
+                f"{len(headers)} authorization metadata entries: send exactly one 'authorization: Bearer <token>'"
+            )
+        header = headers[0]
         if isinstance(header, bytes):
             header = header.decode("latin-1")
         scheme, _, token = str(header).partition(" ")

@@ -34,6 +34,8 @@ from typing import Any, Literal
 
 import tomllib
 
+from runtime.limits import Limits
+
 LogFormat = Literal["json", "text"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
@@ -94,45 +96,8 @@ class TlsConfig:
         return self.cert is not None
 
 
-@dataclass
-class LimitsConfig:
-    """Bounds on requests; anything beyond them is INVALID_ARGUMENT (RESOURCE_EXHAUSTED for message size)."""
-
-    max_message_bytes: int = field(
-        default=16 * 1024 * 1024, metadata=_help("largest request or response message in bytes")
-    )
-    max_image_bytes: int = field(
-        default=8 * 1024 * 1024, metadata=_help("largest encoded image in a request, in bytes")
-    )
-    max_image_pixels: int = field(
-        default=4096 * 4096,
-        metadata=_help(
-            "largest image in pixels (width x height), checked from the header before decoding; "
-            "also set as Pillow's Image.MAX_IMAGE_PIXELS for the whole process"
-        ),
-    )
-    max_history_items: int = field(
-        default=64, metadata=_help("most history items per request (stored and inline together)")
-    )
-    max_candidates: int = field(
-        default=5, metadata=_help("most SelectItems candidates (the model has selection tokens s_0..s_4)")
-    )
-    max_top_k: int = field(default=100, metadata=_help("largest top_k of Recommend and Search"))
-    max_new_tokens: int = field(
-        default=512, metadata=_help("largest max_new_tokens of sampling and beam options")
-    )
-    max_text_chars: int = field(
-        default=2048, metadata=_help("longest query, attribute, explanation or prompt text, in characters")
-    )
-    max_id_chars: int = field(default=128, metadata=_help("longest item_id or user_id, in characters"))
-    max_filter_items: int = field(
-        default=10000, metadata=_help("most allow_item_ids / categories in a filter")
-    )
-    max_image_side: int = field(
-        default=1024, metadata=_help("largest width or height of a generated image, in pixels")
-    )
-    max_image_steps: int = field(default=150, metadata=_help("most denoising steps of GenerateImage"))
-    max_page_size: int = field(default=1000, metadata=_help("largest ListItems page_size"))
+LimitsConfig = Limits
+"""The ``[limits]`` section (``--limits-*`` flags): the runtime's one ``Limits`` definition."""
 
 
 @dataclass

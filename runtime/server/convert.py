@@ -1,7 +1,7 @@
 """Protobuf <-> ``runtime.types`` at the edge, with validation that names the offending field.
 
 Server direction (``*_request`` / ``*_response``): wire messages become the runtime's frozen
-dataclasses; every bound in ``LimitsConfig`` is enforced here and violations raise
+dataclasses; every bound in ``runtime.limits.Limits`` is enforced here and violations raise
 ``runtime.types.InvalidRequest`` whose ``field`` is the path in the request (``history[2].rating``).
 Images are checked from their header (format, byte size, pixel count) before anything decodes them.
 
@@ -13,11 +13,13 @@ Free text may not contain the prompt markers the model uses as structure (``<ima
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import re
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -26,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult
 from runtime.server.config import LimitsConfig
+from runtime.server.errors import with_field
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
 from runtime.types import (
@@ -41,6 +44,7 @@ from runtime.types import (
     PreferenceResult,
     RecommendRequest,
     RecommendResult,
+    RuntimeError_,
     SamplingOptions,
     ScoredItem,
     SearchRequest,
@@ -231,8 +235,21 @@ class Decoding:
 
 
 def decode_options(msg: ppb.DecodeOptions, default_max_new: int, limits: LimitsConfig) -> Decoding:
-    top_k = _check_int(msg.top_k, "options.top_k", 0, limits.max_top_k) or 10
+    """Fast mode: top_k 1..max_top_k. Beam mode: top_k 1..max_beams (one item per beam) and
+    top_k <= num_beams <= max_beams; num_beams 0 means ``max(top_k, min(10, max_beams))``."""
     mode = _check_enum(msg.mode, _MODES, "options.mode")
+    top_k = _check_int(msg.top_k, "options.top_k", 0, limits.max_top_k)
+    if mode == DecodeMode.BEAM:
+        cap = limits.beam_top_k_limit()
+        if top_k > cap:
+            raise InvalidRequest(
+                f"is {top_k}, above the limit of {cap} in DECODE_MODE_BEAM (one item per beam, "
+                f"limits.max_beams = {limits.max_beams}); use DECODE_MODE_FAST for up to {limits.max_top_k}",
+                "options.top_k",
+            )
+        top_k = top_k or min(10, cap)
+    else:
+        top_k = top_k or min(10, limits.max_top_k)
     flt = msg.filter
     item_filter = ItemFilter(
         exclude_history=flt.exclude_history if flt.HasField("exclude_history") else True,
@@ -240,12 +257,16 @@ def decode_options(msg: ppb.DecodeOptions, default_max_new: int, limits: LimitsC
         categories=_text_list(flt.categories, "options.filter.categories", limits),
     )
     b = msg.beam
-    num_beams = _check_int(b.num_beams, "options.beam.num_beams", 0, max(limits.max_top_k, 10)) or max(top_k, 10)
-    if num_beams < top_k:
-        raise InvalidRequest(f"must be >= top_k ({top_k}), got {num_beams}", "options.beam.num_beams")
+    num_beams = _check_int(b.num_beams, "options.beam.num_beams", 0, limits.max_beams)
+    if mode == DecodeMode.BEAM:
+        num_beams = num_beams or limits.default_num_beams(top_k)
+        if num_beams < top_k:
+            raise InvalidRequest(f"must be >= options.top_k ({top_k}), got {num_beams}", "options.beam.num_beams")
+    else:  # beam settings are ignored in fast mode; keep them valid for the engine
+        num_beams = max(num_beams or limits.default_num_beams(1), 1)
     beam = BeamOptions(
         num_beams=num_beams,
-        num_return_sequences=top_k,
+        num_return_sequences=min(top_k, num_beams),
         max_new_tokens=_check_int(b.max_new_tokens, "options.beam.max_new_tokens", 0, limits.max_new_tokens)
         or default_max_new,
         length_penalty=_check_float(b.length_penalty, "options.beam.length_penalty", -10.0, 10.0)
@@ -260,7 +281,7 @@ def sampling_options(msg: ppb.SamplingOptions, limits: LimitsConfig) -> Sampling
         temperature=_check_float(msg.temperature, "sampling.temperature", 0.0, 5.0),
         top_p=_check_float(msg.top_p, "sampling.top_p", 0.0, 1.0) or 1.0,
         seed=msg.seed,
-        num_beams=_check_int(msg.num_beams, "sampling.num_beams", 0, 16) or 1,
+        num_beams=_check_int(msg.num_beams, "sampling.num_beams", 0, limits.max_beams) or 1,
         max_new_tokens=_check_int(msg.max_new_tokens, "sampling.max_new_tokens", 0, limits.max_new_tokens)
         or _SAMPLING_DEFAULTS.max_new_tokens,
     )
@@ -268,6 +289,49 @@ def sampling_options(msg: ppb.SamplingOptions, limits: LimitsConfig) -> Sampling
 
 def user_id(msg: Any, limits: LimitsConfig, required: bool = False) -> str:
     return check_id(msg.user_id, "user_id", limits, required=required)
+
+
+# -- engine field names -> request paths --------------------------------------------------------------
+
+ENGINE_OPTION_FIELDS = frozenset({"top_k", "mode", "filter", "beam"})
+"""Engine field names that sit under ``options`` in Recommend and Search requests."""
+_HISTORY_INDEX = re.compile(r"^history\[(\d+)\]")
+
+
+def request_path(field: str, stored_history: int = 0) -> str:
+    """The request path of a field the engine names relative to its request dataclasses.
+
+    ``top_k``, ``mode``, ``filter.*`` and ``beam.*`` live under ``options``; the engine's history is the
+    stored interactions followed by the request's items, so ``history[k]`` is the request's
+    ``history[k - stored_history]``, or ``user_id`` when it is one of the ``stored_history`` stored
+    items. Other names (``sampling.top_p``, ``target``, ``candidates[1].item_id``, ``query``) are the same
+    on the wire.
+    """
+    head = field.split(".", 1)[0].split("[", 1)[0]
+    if head in ENGINE_OPTION_FIELDS:
+        return f"options.{field}"
+    match = _HISTORY_INDEX.match(field)
+    if match and stored_history:
+        k = int(match.group(1))
+        return "user_id" if k < stored_history else f"history[{k - stored_history}]{field[match.end():]}"
+    return field
+
+
+@contextlib.contextmanager
+def request_paths(stored_history: int = 0) -> Iterator[None]:
+    """Re-raise the engine's errors (only around engine calls) naming request paths (``request_path``)."""
+    try:
+        yield
+    except RuntimeError_ as exc:
+        if exc.field is None:
+            raise
+        path = request_path(exc.field, stored_history)
+        if path == exc.field:
+            raise
+        message = with_field(str(exc), exc.field, path)
+        if path == "user_id":
+            message = f"user_id: a stored interaction ({exc.field}): {message[len(path) + 2:]}"
+        raise type(exc)(message, path) from exc
 
 
 # -- server: requests --------------------------------------------------------------------------------

@@ -53,10 +53,17 @@ class Status:
         return ((FIELD_METADATA_KEY, self.field),) if self.field else ()
 
 
-def _with_field(message: str, field: str | None) -> str:
-    if field and not message.startswith(field):
-        return f"{field}: {message}"
-    return message
+def with_field(message: str, field: str | None, path: str | None = None) -> str:
+    """``message`` as ``"<path>: ..."``; a leading ``field`` (the raiser's name for it) is replaced by
+    ``path`` (default: ``field``)."""
+    path = path or field
+    if not field or not path:
+        return message
+    for name in (field, path):
+        if message.startswith(name) and message[len(name):len(name) + 1] in ("", ":", " "):
+            message = message[len(name):].lstrip(":").strip()
+            break
+    return f"{path}: {message}" if message else path
 
 
 def status_for(exc: BaseException, request_id: str = "") -> Status:
@@ -65,7 +72,7 @@ def status_for(exc: BaseException, request_id: str = "") -> Status:
         code = STATUS_BY_KIND.get(exc.kind, grpc.StatusCode.INTERNAL)
         if code is grpc.StatusCode.INTERNAL:
             logger.error("engine internal error", exc_info=exc)
-        return Status(code, _with_field(str(exc) or exc.kind.value, exc.field), exc.field)
+        return Status(code, with_field(str(exc) or exc.kind.value, exc.field), exc.field)
     if isinstance(exc, Unauthenticated):
         return Status(grpc.StatusCode.UNAUTHENTICATED, str(exc))
     if isinstance(exc, PermissionDenied):

@@ -91,6 +91,8 @@ class Call:
     timings: Timings | None = None
     stage_timings: dict[str, float] = field(default_factory=dict)
     """Image generation's per-component seconds (prompt, text_encoder, unet_per_step, vae_decoder)."""
+    stored_history: int = 0
+    """Stored interactions at the start of the engine's history (maps its indices to request paths)."""
 
     @property
     def tenant(self) -> str:
@@ -417,7 +419,9 @@ class Servicer:
                         continue
                 kept.append(item)
             stored = tuple(kept)
-        return convert.combine_history(stored, inline, uid, self.limits)
+        combined = convert.combine_history(stored, inline, uid, self.limits)
+        call.stored_history = len(combined) - len(inline)
+        return combined
 
     # -- Personalization -------------------------------------------------------------------------------
 
@@ -425,7 +429,8 @@ class Servicer:
         msg = convert.parse(ppb.RecommendRequest, call.raw)
         history = self._history(msg, call)
         request = convert.recommend_request(msg, history, call.tenant, call.cancel, self.limits)
-        result = self._engine().recommend(request)
+        with convert.request_paths(call.stored_history):
+            result = self._engine().recommend(request)
         call.timings = result.timings
         return convert.recommend_response(result)
 
@@ -433,7 +438,8 @@ class Servicer:
         msg = convert.parse(ppb.SearchRequest, call.raw)
         history = self._history(msg, call)
         request = convert.search_request(msg, history, call.tenant, call.cancel, self.limits)
-        result = self._engine().search(request)
+        with convert.request_paths(call.stored_history):
+            result = self._engine().search(request)
         call.timings = result.timings
         return convert.search_response(result)
 
@@ -445,7 +451,9 @@ class Servicer:
 
     def _predict_preference(self, call: Call) -> ppb.PredictPreferenceResponse:
         msg = convert.parse(ppb.PredictPreferenceRequest, call.raw)
-        result = self._engine().predict_preference(self._preference(msg, call))
+        request = self._preference(msg, call)
+        with convert.request_paths(call.stored_history):
+            result = self._engine().predict_preference(request)
         call.timings = result.timings
         return ppb.PredictPreferenceResponse(prediction=convert.prediction_to_proto(result))
 
@@ -453,12 +461,13 @@ class Servicer:
         msg = convert.parse(ppb.ExplainRequest, call.raw)
         events = self._engine().explain(self._preference(msg, call))
         try:
-            for event in events:
-                if isinstance(event, TextPiece):
-                    call.mark_token()
-                elif isinstance(event, PreferenceResult):
-                    call.timings = event.timings
-                yield convert.explain_event(event)
+            with convert.request_paths(call.stored_history):
+                for event in events:
+                    if isinstance(event, TextPiece):
+                        call.mark_token()
+                    elif isinstance(event, PreferenceResult):
+                        call.timings = event.timings
+                    yield convert.explain_event(event)
         finally:
             close = getattr(events, "close", None)
             if close is not None:
@@ -469,7 +478,8 @@ class Servicer:
         history = self._history(msg, call)
         request = convert.select_request(msg, history, call.tenant, call.cancel, self.limits)
         self._check_catalog_ids(request.candidates, "candidates")
-        result = self._engine().select_items(request)
+        with convert.request_paths(call.stored_history):
+            result = self._engine().select_items(request)
         call.timings = result.timings
         return convert.select_response(result)
 
@@ -478,11 +488,12 @@ class Servicer:
         history = self._history(msg, call)
         events = self._engine().generate_image(convert.image_request(msg, history, call.cancel, self.limits))
         try:
-            for event in events:
-                if isinstance(event, ImageResult):
-                    call.stage_timings = {k: v for k, v in event.timings.items()
-                                          if k in ("prompt", "text_encoder", "unet_per_step", "vae_decoder")}
-                yield convert.image_event(event)
+            with convert.request_paths(call.stored_history):
+                for event in events:
+                    if isinstance(event, ImageResult):
+                        call.stage_timings = {k: v for k, v in event.timings.items()
+                                              if k in ("prompt", "text_encoder", "unet_per_step", "vae_decoder")}
+                    yield convert.image_event(event)
         finally:
             close = getattr(events, "close", None)
             if close is not None:

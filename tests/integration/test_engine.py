@@ -78,7 +78,7 @@ def test_fast_path_equals_item_slice_of_full_softmax(rt: Runtime, tiny_reference
 
 def test_masked_items_never_appear(rt: Runtime) -> None:
     history_tokens = {rt.catalog.token_of(h.item_id) for h in HISTORY}
-    res = rt.recommend(RecommendRequest(HISTORY, top_k=200))
+    res = rt.recommend(RecommendRequest(HISTORY, top_k=rt.config.limits.max_top_k))
     got = {rt.catalog.token_of(i.item_id) for i in res.items}
     assert not got & history_tokens
     unavailable = set(np.flatnonzero(~rt.catalog.available_mask()).tolist())
@@ -399,9 +399,20 @@ def test_bad_requests_name_the_field(rt: Runtime) -> None:
     with pytest.raises(InvalidRequest) as bad:
         rt.search(SearchRequest(HISTORY, query="  "))
     assert bad.value.field == "query"
+    with pytest.raises(NotFound) as nf:
+        rt.recommend(RecommendRequest(HISTORY, filter=ItemFilter(allow=("P00001", "missing"))))
+    assert nf.value.field == "filter.allow_item_ids[1]" and "'missing'" in str(nf.value)
+    limits = rt.config.limits
     with pytest.raises(InvalidRequest) as bad:
-        rt.recommend(RecommendRequest(HISTORY, filter=ItemFilter(allow=("missing",))))
-    assert bad.value.field == "filter.allow"
+        rt.recommend(RecommendRequest(HISTORY, top_k=limits.max_top_k + 1))
+    assert bad.value.field == "top_k" and str(limits.max_top_k) in str(bad.value)
+    with pytest.raises(InvalidRequest) as bad:
+        rt.recommend(RecommendRequest(HISTORY, top_k=limits.max_beams + 1, mode=DecodeMode.BEAM))
+    assert bad.value.field == "top_k" and str(limits.max_beams) in str(bad.value)
+    with pytest.raises(InvalidRequest) as bad:
+        rt.explain(PreferenceRequest(RATED, HistoryItem(item_id="P00021"),
+                                     sampling=SamplingOptions(num_beams=limits.max_beams + 1))).__next__()
+    assert bad.value.field == "sampling.num_beams"
 
 
 def test_inline_image_is_encoded_at_request_time(rt: Runtime) -> None:
@@ -417,3 +428,42 @@ def test_inline_image_is_encoded_at_request_time(rt: Runtime) -> None:
     np.testing.assert_allclose(latents[1], latents[0], atol=1e-5)
     got = rt.recommend(RecommendRequest((*HISTORY[:-1], HistoryItem(meta=entry.meta, image=inline.image)), top_k=5))
     assert len(got.items) == 5
+
+
+def _fitting_query(rt: Runtime, history: tuple[HistoryItem, ...], chars: int) -> tuple[str, int]:
+    """A ``chars``-long query whose prompt is too long with every history item but fits with some;
+    returns it with the most history items that fit."""
+    from runtime.prompts import search_prompt
+
+    t = rt.manifest.tokens
+    resolved = rt._resolve(history)
+    limit = rt.manifest.decoder.max_positions - 1
+
+    def tokens(query: str, n: int) -> int:
+        return len(encode(search_prompt(resolved, query, n), rt.tokenizer, t.endofchunk, t.image).ids)
+
+    for words in range(chars // 6, 0, -1):  # "Shoes " is one token; "blue mug " is many
+        query = ("Shoes " * words + "blue mug " * chars)[:chars]
+        if tokens(query, len(history)) > limit and tokens(query, 1) <= limit:
+            return query, max(n for n in range(1, len(history) + 1) if tokens(query, n) <= limit)
+    raise AssertionError("no query of that length fits only part of the history")
+
+
+def test_long_prompts_drop_the_oldest_history(rt: Runtime) -> None:
+    query, fits = _fitting_query(rt, HISTORY, 2048)
+    assert len(query) == 2048 and 1 <= fits < len(HISTORY)
+    full = rt.search(SearchRequest(HISTORY, query=query, top_k=5))
+    newest = rt.search(SearchRequest(HISTORY[-fits:], query=query, top_k=5))
+    assert [i.item_id for i in full.items] == [i.item_id for i in newest.items]
+    np.testing.assert_allclose([i.score for i in full.items], [i.score for i in newest.items], rtol=1e-6, atol=1e-5)
+
+
+def test_a_query_too_long_for_one_history_item_names_the_query(rt: Runtime) -> None:
+    from runtime.types import InvalidRequest
+
+    query = "blue mug " * 200  # about one token per character: longer than the model's positions
+    with pytest.raises(InvalidRequest) as bad:
+        rt.search(SearchRequest(HISTORY, query=query, top_k=5))
+    limit = rt.manifest.decoder.max_positions - 1
+    assert bad.value.field == "query"
+    assert str(bad.value).startswith("query: the prompt is ") and f"at most {limit} prompt tokens" in str(bad.value)
