@@ -31,8 +31,8 @@ from runtime.prompts import (
     EncodedPrompt,
     Prompt,
     ResolvedItem,
+    check_history_item,
     encode,
-    history_from_request,
     preference_prompt,
     recommendation_prompt,
     search_prompt,
@@ -162,23 +162,25 @@ class Runtime:
 
     # -- request plumbing -------------------------------------------------------------------------------
     def _resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
-        out = []
-        for k, item in enumerate(items):
-            if not item.item_id and not item.image:
-                raise InvalidRequest(f"{name}[{k}] needs an item_id or an inline image", field=f"{name}[{k}]")
-            meta, token = item.meta, -1
-            if item.item_id:
-                try:
-                    entry = self._catalog.get(item.item_id)
-                except NotFound as exc:
-                    raise NotFound(f"{name}[{k}].item_id {item.item_id!r} is not in the catalog",
-                                   field=f"{name}[{k}].item_id") from exc
-                meta = meta or entry.meta
-                token = entry.token
-                if not item.image and not entry.has_image:
-                    raise InvalidRequest(f"{name}[{k}]: catalog item {item.item_id!r} has no image", field=f"{name}[{k}].image")
-            out.append(ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation))
-        return tuple(out)
+        """Items checked by the same rule RecordInteraction writes with, resolved against the catalog."""
+        return tuple(self._resolve_one(item, f"{name}[{k}]") for k, item in enumerate(items))
+
+    def _resolve_one(self, item: HistoryItem, path: str) -> ResolvedItem:
+        """An item without an image (inline, or a catalog item that has none) becomes a chunk without its
+        own ``<image>``."""
+        check_history_item(item, path)
+        meta, token, has_image = item.meta, -1, bool(item.image)
+        if item.item_id:
+            try:
+                entry = self._catalog.get(item.item_id)
+            except NotFound as exc:
+                raise NotFound(f"{path}.item_id: {item.item_id!r} is not in the catalog",
+                               field=f"{path}.item_id") from exc
+            meta = meta or entry.meta
+            token = entry.token
+            has_image = has_image or entry.has_image
+        return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
+                            has_image)
 
     def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
         """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
@@ -229,13 +231,13 @@ class Runtime:
 
     # -- recommendation and search ----------------------------------------------------------------------
     def recommend(self, request: RecommendRequest) -> RecommendResult:
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         prompt = recommendation_prompt(history, self.config.max_history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel)
 
     def search(self, request: SearchRequest) -> RecommendResult:
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         prompt = search_prompt(history, request.query, self.config.max_history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel)
@@ -342,8 +344,8 @@ class Runtime:
 
     # -- preference and explanation ---------------------------------------------------------------------
     def _preference_prefill(self, request: PreferenceRequest) -> _Prefilled:
-        history = self._resolve(history_from_request(request.history))
-        (target,) = self._resolve((request.target,), name="target")
+        history = self._resolve(request.history)
+        target = self._resolve_one(request.target, "target")
         s = request.sampling
         if not 0 <= s.temperature <= 5:
             raise InvalidRequest("temperature must be in 0..5", field="sampling.temperature")
@@ -441,7 +443,7 @@ class Runtime:
     # -- item selection ---------------------------------------------------------------------------------
     def select_items(self, request: SelectRequest) -> SelectResult:
         t_start = time.perf_counter()
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         candidates = self._resolve(request.candidates, name="candidates")
         if not 1 <= request.max_selected <= max(1, len(candidates)):
             raise InvalidRequest("max_selected must be in 1..number of candidates", field="max_selected")
