@@ -145,6 +145,10 @@ class Runtime:
         self.latents.close()
         self._catalog.close()
 
+    def forget_user(self, tenant: str, user_id: str) -> int:
+        """Drop the cached prefixes computed from (or served to) the tenant's user's stored history."""
+        return self.prefix_cache.forget((tenant, user_id))
+
     def stats(self) -> dict[str, float]:
         pc = self.prefix_cache
         return {
@@ -197,7 +201,7 @@ class Runtime:
             out[inline_rows] = self.vision.encode(pixels)
         return out, time.perf_counter() - t0
 
-    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None) -> _Prefilled:
+    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None, user_id: str = "") -> _Prefilled:
         check_cancel(cancel)
         t = self.manifest.tokens
         enc: EncodedPrompt = encode(prompt, self.tokenizer, t.endofchunk, t.image)
@@ -213,13 +217,14 @@ class Runtime:
         hit = False
         if enc.prefix_len:
             key = prefix_key(tenant, enc.ids[: enc.prefix_len], [it.image_key for it in prompt.images[: prompt.prefix_images]])
-            entry = self.prefix_cache.get(key)
+            owner = (tenant, user_id) if user_id else None
+            entry = self.prefix_cache.get(key, owner)
             if entry is not None:
                 logits, state = self.runner.prefill_with_prefix(entry, enc.ids[enc.prefix_len :], memory)
                 hit = True
             else:
                 logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
-                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images))
+                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images), owner)
         else:
             logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
         return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
@@ -234,13 +239,13 @@ class Runtime:
         history = self._resolve(request.history)
         prompt = recommendation_prompt(history, self.config.max_history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel)
+                                request.cancel, request.user_id)
 
     def search(self, request: SearchRequest) -> RecommendResult:
         history = self._resolve(request.history)
         prompt = search_prompt(history, request.query, self.config.max_history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel)
+                                request.cancel, request.user_id)
 
     def _item_masks(self, item_filter: ItemFilter, history: tuple[int, ...]) -> dict[str, np.ndarray | None]:
         allow = None
@@ -271,12 +276,13 @@ class Runtime:
         beam: BeamOptions,
         tenant: str,
         cancel: CancelToken | None,
+        user_id: str = "",
     ) -> RecommendResult:
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidRequest(f"top_k must be in 1..{MAX_TOP_K}, got {top_k}", field="top_k")
         t_start = time.perf_counter()
         self.requests += 1
-        pre = self._prefill(prompt, tenant, cancel)
+        pre = self._prefill(prompt, tenant, cancel, user_id)
         t = self.manifest.tokens
         masks = self._item_masks(item_filter, prompt.history_tokens)
         decode_s, tokens = 0.0, 0
@@ -356,7 +362,8 @@ class Runtime:
         if not 1 <= s.num_beams <= MAX_BEAMS:
             raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="sampling.num_beams")
         self.requests += 1
-        return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel)
+        return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel,
+                             request.user_id)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
         result = None
@@ -448,7 +455,8 @@ class Runtime:
         if not 1 <= request.max_selected <= max(1, len(candidates)):
             raise InvalidRequest("max_selected must be in 1..number of candidates", field="max_selected")
         self.requests += 1
-        pre = self._prefill(selection_prompt(history, candidates, self.config.max_history), request.tenant, request.cancel)
+        pre = self._prefill(selection_prompt(history, candidates, self.config.max_history), request.tenant, request.cancel,
+                            request.user_id)
         sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
         timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
         return SelectResult(sel.selected, sel.scores, timings)

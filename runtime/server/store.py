@@ -122,6 +122,14 @@ class StateStore:
             )
         return cursor.rowcount > 0
 
+    def count(self, tenant: str, user_id: str) -> int:
+        """Number of interactions stored for the tenant's user."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM interactions WHERE tenant = ? AND user_id = ?", (tenant, user_id)
+            ).fetchone()
+        return int(n)
+
     def forget_user(self, tenant: str, user_id: str) -> int:
         """Remove every interaction of the tenant's user; returns how many there were."""
         with self._lock:
