@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,6 +186,21 @@ class Runtime:
         return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
                             has_image)
 
+    def _fit(self, build: Callable[[tuple[ResolvedItem, ...]], Prompt], history: tuple[ResolvedItem, ...]) -> Prompt:
+        """The prompt over the last ``max_history`` items, dropping the oldest while it exceeds the model's
+        positions (long stored reviews must not make a user unservable); one item that alone is too long
+        is left for ``_prefill`` to refuse."""
+        m = self.config.max_history
+        items = history[-m:] if m > 0 else history
+        t = self.manifest.tokens
+        while True:
+            prompt = build(items)
+            if len(items) <= 1:
+                return prompt
+            if len(encode(prompt, self.tokenizer, t.endofchunk, t.image).ids) < self.manifest.decoder.max_positions:
+                return prompt
+            items = items[1:]
+
     def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
         """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
         t0 = time.perf_counter()
@@ -237,13 +252,13 @@ class Runtime:
     # -- recommendation and search ----------------------------------------------------------------------
     def recommend(self, request: RecommendRequest) -> RecommendResult:
         history = self._resolve(request.history)
-        prompt = recommendation_prompt(history, self.config.max_history)
+        prompt = self._fit(lambda h: recommendation_prompt(h, 0), history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel, request.user_id)
 
     def search(self, request: SearchRequest) -> RecommendResult:
         history = self._resolve(request.history)
-        prompt = search_prompt(history, request.query, self.config.max_history)
+        prompt = self._fit(lambda h: search_prompt(h, request.query, 0), history)
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel, request.user_id)
 
@@ -362,7 +377,8 @@ class Runtime:
         if not 1 <= s.num_beams <= MAX_BEAMS:
             raise InvalidRequest(f"num_beams must be in 1..{MAX_BEAMS}", field="sampling.num_beams")
         self.requests += 1
-        return self._prefill(preference_prompt(history, target, self.config.max_history), request.tenant, request.cancel,
+        prompt = self._fit(lambda h: preference_prompt(h, target, 0), history)
+        return self._prefill(prompt, request.tenant, request.cancel,
                              request.user_id)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
@@ -455,7 +471,8 @@ class Runtime:
         if not 1 <= request.max_selected <= max(1, len(candidates)):
             raise InvalidRequest("max_selected must be in 1..number of candidates", field="max_selected")
         self.requests += 1
-        pre = self._prefill(selection_prompt(history, candidates, self.config.max_history), request.tenant, request.cancel,
+        prompt = self._fit(lambda h: selection_prompt(h, candidates, 0), history)
+        pre = self._prefill(prompt, request.tenant, request.cancel,
                             request.user_id)
         sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
         timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)

@@ -146,3 +146,20 @@ def test_model_token_survives_delete_upsert_and_restart(tiny_artifacts: Path, tm
         allowed = client.recommend(["P00050"], top_k=1, filter=ItemFilter(allow=("P00051",)))
         assert [i.item_id for i in allowed.items] == ["P00051"]  # the model can recommend it again
     engine.close()
+
+
+def test_long_stored_reviews_drop_the_oldest_items_instead_of_failing(real) -> None:  # type: ignore[no-untyped-def]
+    from runtime.prompts import ResolvedItem, encode, preference_prompt
+
+    server, engine = real
+    review = " ".join(f"review{k} sturdy" for k in range(150))[:450]  # each item fits the tiny model, four do not
+    with UnimpClient(server.target, timeout=60) as client:
+        for sku in ("P00031", "P00032", "P00033", "P00034"):
+            client.record_interaction("reviewer", HistoryItem(item_id=sku, rating=4, explanation=review))
+        t = engine.manifest.tokens
+        whole = preference_prompt(tuple(ResolvedItem(ItemMeta(), "P1", 1, rating=4, explanation=review)
+                                        for _ in range(4)), ResolvedItem(ItemMeta(), "P2", 2))
+        assert len(encode(whole, engine.tokenizer, t.endofchunk, t.image).ids) >= engine.manifest.decoder.max_positions
+        final = list(client.explain("P00021", user_id="reviewer", sampling=SamplingOptions(max_new_tokens=2)))[-1]
+        assert isinstance(final, PreferenceResult) and 1 <= final.rating <= 5
+        assert len(client.recommend(user_id="reviewer", top_k=2).items) == 2
