@@ -102,6 +102,11 @@ class Engine(Protocol):
         """Yields progress per denoising step, then the ImageResult. Raises Unavailable without diffusion graphs."""
         ...
 
+    def forget_user(self, tenant: str, user_id: str) -> int:
+        """Drop every cached prefix computed from (or served to) that tenant's user's stored history; returns
+        how many were dropped."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """Counters for metrics: kv_bytes, prefix_cache_bytes, prefix_cache_hits, prefix_cache_misses, queue_depth."""
         ...

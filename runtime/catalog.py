@@ -22,6 +22,7 @@ import numpy as np
 
 from runtime.api import CatalogItem, CatalogPage
 from runtime.manifest import Manifest, ManifestError, sha256_file
+from runtime.statefiles import connect_private, private_dir
 from runtime.types import InvalidRequest, ItemMeta, NotFound
 from runtime.vision import decode_image
 
@@ -113,6 +114,8 @@ class Catalog:
         self._codes: dict[str, int] = {}  # casefolded category -> code
         self._version = 0
         self._base: dict[str, _Entry] = {}
+        self._last_token: dict[str, int] = {}
+        """item id -> the model token it last had: a deleted item upserted again without a token gets it back."""
         self._load_base(manifest)
         self._db: sqlite3.Connection | None = None
         if state_dir is not None:
@@ -162,8 +165,7 @@ class Catalog:
                 self._set(entry)
 
     def _open_state(self, state_dir: Path) -> None:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(state_dir / STATE_FILE, check_same_thread=False, isolation_level=None)
+        db = connect_private(private_dir(state_dir) / STATE_FILE, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(_SCHEMA)
         self._db = db
@@ -174,6 +176,8 @@ class Catalog:
         for item_id, deleted, token, category, price, brand, title, available, source, blob, digest in rows:
             if deleted:
                 self._remove(item_id)
+                if 0 <= int(token) < self.item_count:
+                    self._last_token[item_id] = int(token)
                 continue
             base = self._base.get(item_id)
             if source == "blob" and blob is not None:
@@ -209,6 +213,7 @@ class Catalog:
         self._entries[item.item_id] = entry
         if item.token >= 0:
             k = item.token
+            self._last_token[item.item_id] = k
             self._token_item[k] = item.item_id
             self._available[k] = item.available
             key = item.meta.category.strip().casefold()
@@ -237,11 +242,12 @@ class Catalog:
         db.execute("BEGIN IMMEDIATE")
         try:
             seq = self._version
-            if entry is None:
+            if entry is None:  # the tombstone keeps the item's last token (see _last_token)
                 db.execute(
-                    "INSERT INTO edits (item_id, deleted, seq) VALUES (?, 1, ?) ON CONFLICT(item_id) DO UPDATE SET"
-                    " deleted = 1, image = NULL, image_source = 'none', image_sha256 = '', seq = excluded.seq",
-                    (item_id, seq),
+                    "INSERT INTO edits (item_id, deleted, token, seq) VALUES (?, 1, ?, ?) ON CONFLICT(item_id) DO UPDATE"
+                    " SET deleted = 1, token = excluded.token, image = NULL, image_source = 'none', image_sha256 = '',"
+                    " seq = excluded.seq",
+                    (item_id, self._last_token.get(item_id, -1), seq),
                 )
             else:
                 item, meta = entry.item, entry.item.meta
@@ -270,7 +276,10 @@ class Catalog:
 
     def upsert(self, item: CatalogItem, image: bytes | None = None) -> CatalogItem:
         """Create or replace ``item`` (metadata, availability, token); ``image`` (encoded bytes) replaces its
-        image, None or b"" keeps the current one. ``item.has_image`` is ignored: the result says."""
+        image, None or b"" keeps the current one. ``item.has_image`` is ignored: the result says.
+
+        An item's model token belongs to its id: an item deleted and then upserted with token -1 gets its
+        last token back (unless another item was explicitly given it meanwhile), also across a reopen."""
         item_id = item.item_id
         if not isinstance(item_id, str) or not item_id.strip():
             raise InvalidRequest("item_id must be a non-empty string", field="item_id")
@@ -290,6 +299,10 @@ class Catalog:
             decode_image(bytes(image))  # InvalidRequest(field="image") for bytes that are not an image
         with self._lock:
             old = self._entries.get(item_id)
+            if token == -1 and old is None:  # re-created after a delete: the item's token is still its own
+                last = self._last_token.get(item_id, -1)
+                if last >= 0 and self._token_item[last] is None:
+                    token = last
             if token >= 0 and self._token_item[token] not in (None, item_id):
                 raise InvalidRequest(
                     f"token {token} is already used by item {self._token_item[token]!r}", field="token"

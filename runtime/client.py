@@ -105,6 +105,21 @@ class FetchedItem:
     """Encoded image when requested and present."""
 
 
+@dataclass(frozen=True)
+class RecordedInteraction:
+    interaction_id: int
+    """Id for ``delete_interaction``."""
+    history_length: int
+    """Interactions now stored for the user."""
+
+
+@dataclass(frozen=True)
+class ForgottenUser:
+    interactions_removed: int
+    prefixes_removed: int
+    """Cached prompt prefixes computed from the user's stored history."""
+
+
 class UnimpClient:
     """One channel to a UniMP Edge server; thread-safe, reuse it."""
 
@@ -288,11 +303,22 @@ class UnimpClient:
 
     def record_interaction(
         self, user_id: str, item: HistoryItem | str, occurred_at_ms: int = 0, timeout: float | None = None
-    ) -> int:
-        """Append an interaction to the user's stored history; returns the number stored."""
+    ) -> RecordedInteraction:
+        """Append an interaction to the user's stored history; returns its id and the number stored."""
         request = ppb.RecordInteractionRequest(user_id=user_id, item=self._target(item),
                                                occurred_at_unix_ms=occurred_at_ms)
-        return int(self._unary(self._personalization.RecordInteraction, request, timeout).history_length)
+        reply = self._unary(self._personalization.RecordInteraction, request, timeout)
+        return RecordedInteraction(int(reply.interaction_id), int(reply.history_length))
+
+    def delete_interaction(self, user_id: str, interaction_id: int, timeout: float | None = None) -> int:
+        """Remove one stored interaction (NOT_FOUND if the user has none with that id); returns the number left."""
+        request = ppb.DeleteInteractionRequest(user_id=user_id, interaction_id=interaction_id)
+        return int(self._unary(self._personalization.DeleteInteraction, request, timeout).history_length)
+
+    def forget_user(self, user_id: str, timeout: float | None = None) -> ForgottenUser:
+        """Remove every stored interaction of the user (in the caller's tenant) and its cached prefixes."""
+        reply = self._unary(self._personalization.ForgetUser, ppb.ForgetUserRequest(user_id=user_id), timeout)
+        return ForgottenUser(int(reply.interactions_removed), int(reply.prefixes_removed))
 
     # -- Catalog -------------------------------------------------------------------------------------
 

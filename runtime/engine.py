@@ -40,8 +40,8 @@ from runtime.prompts import (
     EncodedPrompt,
     Prompt,
     ResolvedItem,
+    check_history_item,
     encode,
-    history_from_request,
     preference_prompt,
     recommendation_prompt,
     search_prompt,
@@ -155,6 +155,10 @@ class Runtime:
         self.latents.close()
         self._catalog.close()
 
+    def forget_user(self, tenant: str, user_id: str) -> int:
+        """Drop the cached prefixes computed from (or served to) the tenant's user's stored history."""
+        return self.prefix_cache.forget((tenant, user_id))
+
     def stats(self) -> dict[str, float]:
         pc = self.prefix_cache
         return {
@@ -172,24 +176,25 @@ class Runtime:
 
     # -- request plumbing -------------------------------------------------------------------------------
     def _resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
-        out = []
-        for k, item in enumerate(items):
-            if not item.item_id and not item.image:
-                raise InvalidRequest(f"{name}[{k}] needs an item_id or an inline image", field=f"{name}[{k}]")
-            meta, token = item.meta, -1
-            if item.item_id:
-                try:
-                    entry = self._catalog.get(item.item_id)
-                except NotFound as exc:
-                    raise NotFound(f"{name}[{k}].item_id {item.item_id!r} is not in the catalog",
-                                   field=f"{name}[{k}].item_id") from exc
-                meta = meta or entry.meta
-                token = entry.token
-                if not item.image and not entry.has_image:
-                    raise InvalidRequest(f"{name}[{k}].item_id: catalog item {item.item_id!r} has no image",
-                                         field=f"{name}[{k}].item_id")
-            out.append(ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation))
-        return tuple(out)
+        """Items checked by the same rule RecordInteraction writes with, resolved against the catalog."""
+        return tuple(self._resolve_one(item, f"{name}[{k}]") for k, item in enumerate(items))
+
+    def _resolve_one(self, item: HistoryItem, path: str) -> ResolvedItem:
+        """An item without an image (inline, or a catalog item that has none) becomes a chunk without its
+        own ``<image>``."""
+        check_history_item(item, path)
+        meta, token, has_image = item.meta, -1, bool(item.image)
+        if item.item_id:
+            try:
+                entry = self._catalog.get(item.item_id)
+            except NotFound as exc:
+                raise NotFound(f"{path}.item_id: {item.item_id!r} is not in the catalog",
+                               field=f"{path}.item_id") from exc
+            meta = meta or entry.meta
+            token = entry.token
+            has_image = has_image or entry.has_image
+        return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
+                            has_image)
 
     def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
         """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
@@ -206,7 +211,7 @@ class Runtime:
             out[inline_rows] = self.vision.encode(pixels)
         return out, time.perf_counter() - t0
 
-    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None) -> _Prefilled:
+    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None, user_id: str = "") -> _Prefilled:
         check_cancel(cancel)
         t = self.manifest.tokens
         enc: EncodedPrompt = encode(prompt, self.tokenizer, t.endofchunk, t.image)
@@ -223,13 +228,14 @@ class Runtime:
         hit = False
         if enc.prefix_len:
             key = prefix_key(tenant, enc.ids[: enc.prefix_len], [it.image_key for it in prompt.images[: prompt.prefix_images]])
-            entry = self.prefix_cache.get(key)
+            owner = (tenant, user_id) if user_id else None
+            entry = self.prefix_cache.get(key, owner)
             if entry is not None:
                 logits, state = self.runner.prefill_with_prefix(entry, enc.ids[enc.prefix_len :], memory)
                 hit = True
             else:
                 logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
-                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images))
+                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images), owner)
         else:
             logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
         return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
@@ -292,16 +298,16 @@ class Runtime:
 
     # -- recommendation and search ----------------------------------------------------------------------
     def recommend(self, request: RecommendRequest) -> RecommendResult:
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         prompt = self._fit(lambda n: recommendation_prompt(history, n), len(history), f"history[{len(history) - 1}]")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel)
+                                request.cancel, request.user_id)
 
     def search(self, request: SearchRequest) -> RecommendResult:
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         prompt = self._fit(lambda n: search_prompt(history, request.query, n), len(history), "query")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel)
+                                request.cancel, request.user_id)
 
     def _item_masks(self, item_filter: ItemFilter, history: tuple[int, ...]) -> dict[str, np.ndarray | None]:
         allow = None
@@ -333,11 +339,12 @@ class Runtime:
         beam: BeamOptions,
         tenant: str,
         cancel: CancelToken | None,
+        user_id: str = "",
     ) -> RecommendResult:
         self._check_decoding(top_k, mode, beam)
         t_start = time.perf_counter()
         self.requests += 1
-        pre = self._prefill(prompt, tenant, cancel)
+        pre = self._prefill(prompt, tenant, cancel, user_id)
         t = self.manifest.tokens
         masks = self._item_masks(item_filter, prompt.history_tokens)
         decode_s, tokens = 0.0, 0
@@ -458,8 +465,8 @@ class Runtime:
 
     # -- preference and explanation ---------------------------------------------------------------------
     def _preference_prefill(self, request: PreferenceRequest) -> _Prefilled:
-        history = self._resolve(history_from_request(request.history))
-        (target,) = self._resolve((request.target,), name="target")
+        history = self._resolve(request.history)
+        target = self._resolve_one(request.target, "target")
         s = request.sampling
         lim = self.config.limits
         if not 0 <= s.temperature <= 5:
@@ -475,7 +482,7 @@ class Runtime:
                                  field="sampling.num_beams")
         self.requests += 1
         prompt = self._fit(lambda n: preference_prompt(history, target, n), len(history), "target")
-        return self._prefill(prompt, request.tenant, request.cancel)
+        return self._prefill(prompt, request.tenant, request.cancel, request.user_id)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
         """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone.
@@ -576,14 +583,14 @@ class Runtime:
     # -- item selection ---------------------------------------------------------------------------------
     def select_items(self, request: SelectRequest) -> SelectResult:
         t_start = time.perf_counter()
-        history = self._resolve(history_from_request(request.history))
+        history = self._resolve(request.history)
         candidates = self._resolve(request.candidates, name="candidates")
         if not 1 <= request.max_selected <= max(1, len(candidates)):
             raise InvalidRequest(f"max_selected: must be in 1..{max(1, len(candidates))} (the number of candidates), "
                                  f"got {request.max_selected}", field="max_selected")
         self.requests += 1
         prompt = self._fit(lambda n: selection_prompt(history, candidates, n), len(history), "candidates")
-        pre = self._prefill(prompt, request.tenant, request.cancel)
+        pre = self._prefill(prompt, request.tenant, request.cancel, request.user_id)
         sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
         timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
         return SelectResult(sel.selected, sel.scores, timings)

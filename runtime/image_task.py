@@ -25,7 +25,7 @@ IMAGE_QUESTION = "Query: {query} What is the image description for the query bas
 
 def personalised_prompt_text(history: tuple[ResolvedItem, ...], query: str) -> str:
     """A UniMP-style task prompt over the history items' attributes (the paper's image-generation layout)."""
-    chunks = "".join(f"<image> {render_meta(i.meta)} <|endofchunk|> " for i in history)
+    chunks = "".join(f"{i.image_tag}{render_meta(i.meta)} <|endofchunk|> " for i in history)
     return chunks + IMAGE_QUESTION.format(query=query)
 
 
@@ -44,7 +44,8 @@ def style_summary(history: tuple[ResolvedItem, ...]) -> str:
 def write_prompt(rt: Runtime, history: tuple[ResolvedItem, ...], query: str, cancel: CancelToken | None) -> str:
     """Greedy-decode a short description with the LLM and combine it with the query and the history's style."""
     text = personalised_prompt_text(history, query)
-    prompt = Prompt(text, history, "", (), len(history))
+    images = tuple(i for i in history if i.has_image)  # one per <image> in the text, in order
+    prompt = Prompt(text, images, "", (), len(images))
     pre = rt._prefill(prompt, tenant="", cancel=cancel)
     detok = IncrementalDetokenizer(rt.tokenizer, skip_special_tokens=True)
     with rt.scheduler.admit(cancel) as slot:

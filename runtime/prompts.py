@@ -1,7 +1,13 @@
 """UniMP's evaluation prompts, byte for byte, and their tokenization.
 
-Every chunk of history starts with ``<image>``; images are listed in prompt order so that the i-th
-``<image>`` token (1-based) attends to the i-th image's latents. Eval prompts carry no BOS.
+Every chunk of an item with an image starts with ``<image>``; images are listed in prompt order so that
+the i-th ``<image>`` token (1-based) attends to the i-th image's latents. An item without an image is the
+same chunk without the ``<image> `` part (OpenFlamingo semantics: its text attends to the latest preceding
+image, or to nothing before the first one). Eval prompts carry no BOS.
+
+Preference history chunks: ``<image> {meta} <answer> rate_{r} {explanation} <|endofchunk|> ``; an unknown
+rating (0) drops ``rate_{r} `` (``<image> {meta} <answer> {explanation} <|endofchunk|> ``), and with
+neither rating nor explanation the chunk has no answer part (``<image> {meta} <|endofchunk|> ``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,13 @@ class ResolvedItem:
     """Inline image bytes (encoded at request time); empty for catalog images (cached latents)."""
     rating: int = 0
     explanation: str = ""
+    has_image: bool = True
+    """False for an item without any image (its chunk has no ``<image>`` token)."""
+
+    @property
+    def image_tag(self) -> str:
+        """``"<image> "`` opening the item's chunk, or "" for an item without an image."""
+        return "<image> " if self.has_image else ""
 
     @property
     def image_key(self) -> str:
@@ -94,46 +107,66 @@ class EncodedPrompt:
     extra: dict[str, int] = field(default_factory=dict)
 
 
+def check_history_item(item: HistoryItem, path: str) -> None:
+    """The one rule for a history item, applied when it is written (RecordInteraction) and when it is read
+    (every task): a catalog id, or inline attributes and/or an image; a rating 0 (unknown) or 1..5."""
+    if not item.item_id and not item.image and (item.meta is None or item.meta == ItemMeta()):
+        raise InvalidRequest(f"{path}: needs an item_id, inline attributes or an inline image", field=path)
+    if not 0 <= item.rating <= 5:
+        raise InvalidRequest(f"{path}.rating: must be 0 (unknown) or 1..5, got {item.rating}",
+                             field=f"{path}.rating")
+
+
 def _recommend_chunk(item: ResolvedItem) -> str:
     token = f"item_{item.token} " if item.token >= 0 else ""
-    return f"<image> {render_meta(item.meta)} {token}<|endofchunk|> "
+    return f"{item.image_tag}{render_meta(item.meta)} {token}<|endofchunk|> "
+
+
+def _preference_chunk(item: ResolvedItem) -> str:
+    explanation = sanitize(item.explanation)
+    answer = " ".join(p for p in (f"rate_{item.rating}" if item.rating else "", explanation) if p)
+    answer = f"<answer> {answer} " if answer else ""
+    return f"{item.image_tag}{render_meta(item.meta)} {answer}<|endofchunk|> "
+
+
+def _with_images(items: tuple[ResolvedItem, ...]) -> tuple[ResolvedItem, ...]:
+    return tuple(i for i in items if i.has_image)
 
 
 def _history(items: tuple[ResolvedItem, ...], max_history: int) -> tuple[ResolvedItem, ...]:
     if not items:
-        raise InvalidRequest("history must contain at least one item", field="history")
+        raise InvalidRequest("history: must contain at least one item", field="history")
     return items[-max_history:] if max_history > 0 else items
+
+
+def _prompt(prefix: str, rest: str, history: tuple[ResolvedItem, ...], after: tuple[ResolvedItem, ...] = ()) -> Prompt:
+    images = _with_images(history)
+    return Prompt(prefix + rest, images + _with_images(after), prefix,
+                  tuple(i.token for i in history if i.token >= 0), len(images))
 
 
 def recommendation_prompt(history: tuple[ResolvedItem, ...], max_history: int = DEFAULT_MAX_HISTORY) -> Prompt:
     items = _history(history, max_history)
-    prefix = "".join(_recommend_chunk(i) for i in items)
-    return Prompt(prefix + RECOMMEND_QUESTION, items, prefix, tuple(i.token for i in items if i.token >= 0), len(items))
+    return _prompt("".join(_recommend_chunk(i) for i in items), RECOMMEND_QUESTION, items)
 
 
 def search_prompt(history: tuple[ResolvedItem, ...], query: str, max_history: int = DEFAULT_MAX_HISTORY) -> Prompt:
     if not sanitize(query):
-        raise InvalidRequest("query must not be empty", field="query")
+        raise InvalidRequest("query: must not be empty", field="query")
     items = _history(history, max_history)
-    prefix = "".join(_recommend_chunk(i) for i in items)
-    text = prefix + SEARCH_QUESTION.format(query=sanitize(query))
-    return Prompt(text, items, prefix, tuple(i.token for i in items if i.token >= 0), len(items))
+    return _prompt("".join(_recommend_chunk(i) for i in items), SEARCH_QUESTION.format(query=sanitize(query)), items)
 
 
 def preference_prompt(
     history: tuple[ResolvedItem, ...], target: ResolvedItem, max_history: int = DEFAULT_MAX_HISTORY
 ) -> Prompt:
+    """Ratings 1..5 render as ``rate_r``; 0 (unknown) renders without it (see the module docstring)."""
     items = _history(history, max_history)
-    chunks = []
     for k, i in enumerate(items, start=len(history) - len(items)):
-        if not 1 <= i.rating <= 5:
-            raise InvalidRequest(f"history[{k}].rating: preference history items need a rating 1..5, got {i.rating}",
-                                 field=f"history[{k}].rating")
-        explanation = f" {sanitize(i.explanation)}" if sanitize(i.explanation) else ""
-        chunks.append(f"<image> {render_meta(i.meta)} <answer> rate_{i.rating}{explanation} <|endofchunk|> ")
-    prefix = "".join(chunks)
-    text = prefix + PREFERENCE_QUESTION.format(meta=render_meta(target.meta))
-    return Prompt(text, (*items, target), prefix, tuple(i.token for i in items if i.token >= 0), len(items))
+        if not 0 <= i.rating <= 5:
+            raise InvalidRequest(f"history[{k}].rating: must be 0 (unknown) or 1..5", field=f"history[{k}].rating")
+    question = target.image_tag + PREFERENCE_QUESTION.removeprefix("<image> ").format(meta=render_meta(target.meta))
+    return _prompt("".join(_preference_chunk(i) for i in items), question, items, (target,))
 
 
 def selection_prompt(
@@ -141,13 +174,12 @@ def selection_prompt(
 ) -> Prompt:
     items = _history(history, max_history)
     if not 1 <= len(candidates) <= 5:
-        raise InvalidRequest("item selection takes 1 to 5 candidates", field="candidates")
-    prefix = SELECT_INTRO + "".join(f"<image> {render_meta(i.meta)} <|endofchunk|> " for i in items)
+        raise InvalidRequest("candidates: item selection takes 1 to 5 candidates", field="candidates")
+    prefix = SELECT_INTRO + "".join(f"{i.image_tag}{render_meta(i.meta)} <|endofchunk|> " for i in items)
     options = "".join(
-        f"<image> Selection s_{k} {render_meta(c.meta)} <|endofchunk|> " for k, c in enumerate(candidates)
+        f"{c.image_tag}Selection s_{k} {render_meta(c.meta)} <|endofchunk|> " for k, c in enumerate(candidates)
     )
-    text = prefix + SELECT_FROM + options + SELECT_QUESTION
-    return Prompt(text, (*items, *candidates), prefix, tuple(i.token for i in items if i.token >= 0), len(items))
+    return _prompt(prefix, SELECT_FROM + options + SELECT_QUESTION, items, candidates)
 
 
 def encode(prompt: Prompt, tokenizer: Tokenizer, endofchunk_id: int, image_id: int) -> EncodedPrompt:
@@ -173,10 +205,9 @@ def encode(prompt: Prompt, tokenizer: Tokenizer, endofchunk_id: int, image_id: i
     return EncodedPrompt(prompt, ids, prefix_len)
 
 
-def history_from_request(items: tuple[HistoryItem, ...]) -> tuple[HistoryItem, ...]:
-    """Ratings are 1..5 when given (whether an item is a catalog id or an inline image is checked when
-    the engine resolves it against the catalog)."""
+def history_from_request(items: tuple[HistoryItem, ...], name: str = "history") -> tuple[HistoryItem, ...]:
+    """Checks every item with ``check_history_item`` (whether a catalog id exists is checked when the
+    engine resolves it against the catalog)."""
     for k, item in enumerate(items):
-        if item.rating and not 1 <= item.rating <= 5:
-            raise InvalidRequest(f"history[{k}].rating must be 1..5", field=f"history[{k}].rating")
+        check_history_item(item, f"{name}[{k}]")
     return items

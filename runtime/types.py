@@ -152,6 +152,9 @@ class RecommendRequest:
     beam: BeamOptions = field(default_factory=BeamOptions)
     tenant: str = ""
     """Salt for the prefix cache: entries never cross tenants."""
+    user_id: str = ""
+    """The user whose stored history the request carries ("" for none): tags the prefix-cache entries it
+    computes, so that forgetting the user purges them."""
     cancel: CancelToken | None = None
 
 
@@ -164,6 +167,9 @@ class SearchRequest:
     filter: ItemFilter = field(default_factory=ItemFilter)
     beam: BeamOptions = field(default_factory=lambda: BeamOptions(max_new_tokens=20))
     tenant: str = ""
+    user_id: str = ""
+    """The user whose stored history the request carries ("" for none): tags the prefix-cache entries it
+    computes, so that forgetting the user purges them."""
     cancel: CancelToken | None = None
 
 
@@ -201,6 +207,9 @@ class PreferenceRequest:
     target: HistoryItem
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     tenant: str = ""
+    user_id: str = ""
+    """The user whose stored history the request carries ("" for none): tags the prefix-cache entries it
+    computes, so that forgetting the user purges them."""
     cancel: CancelToken | None = None
 
 
@@ -231,6 +240,9 @@ class SelectRequest:
     """1..5 candidates, labelled s_0..s_{n-1} in the prompt."""
     max_selected: int = 2
     tenant: str = ""
+    user_id: str = ""
+    """The user whose stored history the request carries ("" for none): tags the prefix-cache entries it
+    computes, so that forgetting the user purges them."""
     cancel: CancelToken | None = None
 
 

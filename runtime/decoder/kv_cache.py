@@ -87,19 +87,28 @@ def prefix_key(tenant: str, ids: np.ndarray, image_keys: list[str]) -> str:
     return digest.hexdigest()
 
 
+Owner = tuple[str, str]
+"""(tenant, user_id) of a stored history a prefix was computed from."""
+
+
 class PrefixCache:
-    """LRU of prompt-prefix KV under a byte budget, with hit/miss/byte counters. Thread-safe."""
+    """LRU of prompt-prefix KV under a byte budget, with hit/miss/byte counters. Thread-safe.
+
+    Entries are tagged with the (tenant, user) whose stored history they were computed from or served,
+    so that ``forget`` can purge them when the user's history is deleted.
+    """
 
     def __init__(self, budget_bytes: int) -> None:
         self.budget = budget_bytes
         self._entries: OrderedDict[str, PrefixEntry] = OrderedDict()
+        self._owners: dict[str, set[Owner]] = {}
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.bytes = 0
         self.evictions = 0
 
-    def get(self, key: str) -> PrefixEntry | None:
+    def get(self, key: str, owner: Owner | None = None) -> PrefixEntry | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -107,9 +116,11 @@ class PrefixCache:
                 return None
             self._entries.move_to_end(key)
             self.hits += 1
+            if owner is not None:
+                self._owners.setdefault(key, set()).add(owner)
             return entry
 
-    def put(self, key: str, entry: PrefixEntry) -> None:
+    def put(self, key: str, entry: PrefixEntry, owner: Owner | None = None) -> None:
         if entry.nbytes > self.budget:
             return
         with self._lock:
@@ -118,14 +129,29 @@ class PrefixCache:
                 self.bytes -= old.nbytes
             self._entries[key] = entry
             self.bytes += entry.nbytes
+            if owner is not None:
+                self._owners.setdefault(key, set()).add(owner)
             while self.bytes > self.budget and self._entries:
-                _, evicted = self._entries.popitem(last=False)
+                evicted_key, evicted = self._entries.popitem(last=False)
+                self._owners.pop(evicted_key, None)
                 self.bytes -= evicted.nbytes
                 self.evictions += 1
+
+    def forget(self, owner: Owner) -> int:
+        """Drop every entry tagged with ``owner``; returns how many were dropped."""
+        with self._lock:
+            keys = [key for key, owners in self._owners.items() if owner in owners]
+            for key in keys:
+                del self._owners[key]
+                entry = self._entries.pop(key, None)
+                if entry is not None:
+                    self.bytes -= entry.nbytes
+        return len(keys)
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._owners.clear()
             self.bytes = 0
 
     def __len__(self) -> int:

@@ -198,6 +198,8 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
         "select-items": ("choose among up to 5 candidates", [_history_arguments]),
         "generate-image": ("personalized image generation", [_history_arguments]),
         "record-interaction": ("append an interaction to a user's history", []),
+        "delete-interaction": ("remove one interaction from a user's history", []),
+        "forget-user": ("remove a user's whole stored history and its cached prefixes", []),
         "upsert-item": ("create or update a catalog item (admin token)", [_item_arguments]),
         "get-item": ("show a catalog item", [_item_arguments]),
         "list-items": ("list catalog items", []),
@@ -228,6 +230,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--item", required=True, metavar="ID", help="catalog id")
             p.add_argument("--rating", type=int, default=0)
             p.add_argument("--explanation", default="")
+        elif name == "delete-interaction":
+            p.add_argument("--user", required=True)
+            p.add_argument("--interaction-id", type=int, required=True, help="id printed by record-interaction")
+        elif name == "forget-user":
+            p.add_argument("--user", required=True)
         elif name == "upsert-item":
             for attr in ("category", "price", "brand", "title"):
                 p.add_argument(f"--{attr}", default=None)
@@ -325,7 +332,11 @@ def run_client(args: argparse.Namespace) -> int:
                 from runtime.types import HistoryItem
 
                 item = HistoryItem(item_id=args.item, rating=args.rating, explanation=args.explanation)
-                _emit({"history_length": client.record_interaction(args.user, item)})
+                _emit(client.record_interaction(args.user, item))
+            elif rpc == "delete-interaction":
+                _emit({"history_length": client.delete_interaction(args.user, args.interaction_id)})
+            elif rpc == "forget-user":
+                _emit(client.forget_user(args.user))
             elif rpc == "upsert-item":
                 attrs = {a: getattr(args, a) for a in ("category", "price", "brand", "title")}
                 meta = ItemMeta(**{k: v or "" for k, v in attrs.items()}) if any(

@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -38,6 +38,7 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import Message
 
 from runtime.api import CatalogItem, Engine, ImageResult
+from runtime.prompts import check_history_item
 from runtime.server import convert, errors, logs
 from runtime.server.auth import Authenticator, Principal
 from runtime.server.config import ServerConfig
@@ -143,6 +144,8 @@ class Servicer:
             "SelectItems": self._select_items,
             "GenerateImage": self._generate_image,
             "RecordInteraction": self._record_interaction,
+            "DeleteInteraction": self._delete_interaction,
+            "ForgetUser": self._forget_user,
             "UpsertItem": self._upsert_item,
             "GetItem": self._get_item,
             "ListItems": self._list_items,
@@ -423,12 +426,17 @@ class Servicer:
         call.stored_history = len(combined) - len(inline)
         return combined
 
+    def _for_user(self, request: Any, msg: Any) -> Any:
+        """The engine request carrying msg.user_id (tags the prefix-cache entries of the user's history)."""
+        uid = convert.user_id(msg, self.limits)
+        return replace(request, user_id=uid) if uid else request
+
     # -- Personalization -------------------------------------------------------------------------------
 
     def _recommend(self, call: Call) -> ppb.RecommendResponse:
         msg = convert.parse(ppb.RecommendRequest, call.raw)
         history = self._history(msg, call)
-        request = convert.recommend_request(msg, history, call.tenant, call.cancel, self.limits)
+        request = self._for_user(convert.recommend_request(msg, history, call.tenant, call.cancel, self.limits), msg)
         with convert.request_paths(call.stored_history):
             result = self._engine().recommend(request)
         call.timings = result.timings
@@ -437,7 +445,7 @@ class Servicer:
     def _search(self, call: Call) -> ppb.SearchResponse:
         msg = convert.parse(ppb.SearchRequest, call.raw)
         history = self._history(msg, call)
-        request = convert.search_request(msg, history, call.tenant, call.cancel, self.limits)
+        request = self._for_user(convert.search_request(msg, history, call.tenant, call.cancel, self.limits), msg)
         with convert.request_paths(call.stored_history):
             result = self._engine().search(request)
         call.timings = result.timings
@@ -445,7 +453,7 @@ class Servicer:
 
     def _preference(self, msg: ppb.PredictPreferenceRequest | ppb.ExplainRequest, call: Call) -> Any:
         history = self._history(msg, call)
-        request = convert.preference_request(msg, history, call.tenant, call.cancel, self.limits)
+        request = self._for_user(convert.preference_request(msg, history, call.tenant, call.cancel, self.limits), msg)
         self._check_item(request.target, "target")
         return request
 
@@ -476,7 +484,7 @@ class Servicer:
     def _select_items(self, call: Call) -> ppb.SelectItemsResponse:
         msg = convert.parse(ppb.SelectItemsRequest, call.raw)
         history = self._history(msg, call)
-        request = convert.select_request(msg, history, call.tenant, call.cancel, self.limits)
+        request = self._for_user(convert.select_request(msg, history, call.tenant, call.cancel, self.limits), msg)
         self._check_catalog_ids(request.candidates, "candidates")
         with convert.request_paths(call.stored_history):
             result = self._engine().select_items(request)
@@ -502,10 +510,36 @@ class Servicer:
     def _record_interaction(self, call: Call) -> ppb.RecordInteractionResponse:
         msg = convert.parse(ppb.RecordInteractionRequest, call.raw)
         interaction = convert.interaction(msg, self.limits)
+        check_history_item(interaction.item, "item")  # the rule every task reads stored history with
         self._check_item(interaction.item, "item")
-        count = self.store.record_interaction(call.tenant, interaction.user_id, interaction.item,
-                                              interaction.occurred_at_ms)
-        return ppb.RecordInteractionResponse(history_length=count)
+        interaction_id, count = self.store.record_interaction(call.tenant, interaction.user_id, interaction.item,
+                                                              interaction.occurred_at_ms)
+        return ppb.RecordInteractionResponse(history_length=count, interaction_id=interaction_id)
+
+    def _delete_interaction(self, call: Call) -> ppb.DeleteInteractionResponse:
+        msg = convert.parse(ppb.DeleteInteractionRequest, call.raw)
+        uid = convert.user_id(msg, self.limits, required=True)
+        if msg.interaction_id <= 0:
+            raise InvalidRequest(f"interaction_id: must be > 0, got {msg.interaction_id}", "interaction_id")
+        if not self.store.delete_interaction(call.tenant, uid, msg.interaction_id):
+            raise NotFound(f"interaction_id: user {uid!r} has no interaction {msg.interaction_id}", "interaction_id")
+        prefixes = self._engine().forget_user(call.tenant, uid)  # cached prefixes may contain the deleted item
+        count = self.store.count(call.tenant, uid)
+        logger.info("deleted interaction %d of a user", msg.interaction_id,
+                    extra={"rpc": call.rpc, "tenant": call.tenant, "user_id": uid,
+                           "interaction_id": msg.interaction_id, "prefixes_removed": prefixes})
+        return ppb.DeleteInteractionResponse(history_length=count)
+
+    def _forget_user(self, call: Call) -> ppb.ForgetUserResponse:
+        msg = convert.parse(ppb.ForgetUserRequest, call.raw)
+        uid = convert.user_id(msg, self.limits, required=True)
+        removed = self.store.forget_user(call.tenant, uid)
+        prefixes = self._engine().forget_user(call.tenant, uid)
+        logger.warning("forgot user: %d interactions and %d cached prefixes removed", removed, prefixes,
+                       extra={"rpc": call.rpc, "audit": "forget_user", "tenant": call.tenant, "user_id": uid,
+                              "interactions_removed": removed, "prefixes_removed": prefixes,
+                              "request_id": call.request_id})
+        return ppb.ForgetUserResponse(interactions_removed=removed, prefixes_removed=prefixes)
 
     # -- Catalog -------------------------------------------------------------------------------------
 

@@ -13,20 +13,22 @@ Two tables:
   and artifacts can be re-exported without losing them.
 
 The connection is shared by the server's worker threads behind a lock; writes are committed with
-``synchronous=FULL`` in WAL mode.
+``synchronous=FULL`` in WAL mode. The file and its ``-wal`` / ``-shm`` files are 0600, a state directory
+the store creates is 0700 (``runtime.statefiles``). Each interaction has an id (returned by
+RecordInteraction) by which DeleteInteraction removes it; ForgetUser removes all of a user's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from runtime.api import CatalogItem, CatalogStore
+from runtime.statefiles import connect_private, private_dir
 from runtime.types import HistoryItem, ItemMeta, NotFound, RuntimeError_
 
 logger = logging.getLogger(__name__)
@@ -63,12 +65,11 @@ class StateStore:
     """SQLite-backed interaction history and catalog edit journal."""
 
     def __init__(self, state_dir: Path, keep_per_user: int = 1000) -> None:
-        state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir = private_dir(Path(state_dir))
         self.path = state_dir / DB_NAME
         self.keep_per_user = keep_per_user
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = connect_private(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -85,18 +86,19 @@ class StateStore:
 
     # -- interactions ------------------------------------------------------------------------------
 
-    def record_interaction(self, tenant: str, user_id: str, item: HistoryItem, occurred_at_ms: int) -> int:
-        """Append one interaction; returns the number now stored for the user."""
+    def record_interaction(self, tenant: str, user_id: str, item: HistoryItem, occurred_at_ms: int) -> tuple[int, int]:
+        """Append one interaction; returns its id and the number now stored for the user."""
         meta = json.dumps(asdict(item.meta)) if item.meta is not None else None
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
+                cursor = self._db.execute(
                     "INSERT INTO interactions (tenant, user_id, item_id, meta, image, rating, explanation, "
                     "occurred_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (tenant, user_id, item.item_id, meta, item.image or None, item.rating, item.explanation,
                      occurred_at_ms),
                 )
+                interaction_id = int(cursor.lastrowid or 0)
                 self._db.execute(
                     "DELETE FROM interactions WHERE tenant = ? AND user_id = ? AND id NOT IN ("
                     " SELECT id FROM interactions WHERE tenant = ? AND user_id = ?"
@@ -110,7 +112,29 @@ class StateStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return int(count)
+        return interaction_id, int(count)
+
+    def delete_interaction(self, tenant: str, user_id: str, interaction_id: int) -> bool:
+        """Remove one interaction of the user; False if the tenant's user has no interaction with that id."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM interactions WHERE tenant = ? AND user_id = ? AND id = ?", (tenant, user_id, interaction_id)
+            )
+        return cursor.rowcount > 0
+
+    def count(self, tenant: str, user_id: str) -> int:
+        """Number of interactions stored for the tenant's user."""
+        with self._lock:
+            (n,) = self._db.execute(
+                "SELECT COUNT(*) FROM interactions WHERE tenant = ? AND user_id = ?", (tenant, user_id)
+            ).fetchone()
+        return int(n)
+
+    def forget_user(self, tenant: str, user_id: str) -> int:
+        """Remove every interaction of the tenant's user; returns how many there were."""
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM interactions WHERE tenant = ? AND user_id = ?", (tenant, user_id))
+        return int(cursor.rowcount)
 
     def history(self, tenant: str, user_id: str, limit: int) -> tuple[HistoryItem, ...]:
         """The user's ``limit`` most recent interactions, oldest first."""

@@ -148,6 +148,9 @@ class FakeEngine:
         self.finished: dict[str, int] = {}
         self.last_request: object = None
         self.closed = False
+        self.prefixes: dict[tuple[str, str], int] = {}
+        """(tenant, user_id) -> requests served from that user's stored history (stands in for cached prefixes)."""
+        self.forgotten: list[tuple[str, str]] = []
 
     # -- bookkeeping ---------------------------------------------------------------------------------
 
@@ -162,6 +165,11 @@ class FakeEngine:
     def _begin(self, name: str, request: object) -> None:
         self._count(self.calls, name)
         self.last_request = request
+        user_id = getattr(request, "user_id", "")
+        if user_id:
+            owner = (getattr(request, "tenant", ""), user_id)
+            with self._lock:
+                self.prefixes[owner] = self.prefixes.get(owner, 0) + 1
         self.started.release()
         failure, self.fail_next = self.fail_next, None
         if failure is not None:
@@ -297,6 +305,11 @@ class FakeEngine:
         self._count(self.finished, "generate_image")
         yield ImageResult(png=buf.getvalue(), prompt=prompt, width=request.width, height=request.height,
                           timings={"unet": 0.01 * request.steps, "vae": 0.005})
+
+    def forget_user(self, tenant: str, user_id: str) -> int:
+        with self._lock:
+            self.forgotten.append((tenant, user_id))
+            return self.prefixes.pop((tenant, user_id), 0)
 
     def stats(self) -> dict[str, float]:
         with self._lock:

@@ -89,3 +89,15 @@ def test_stage_timings_are_metrics(server) -> None:  # type: ignore[no-untyped-d
         list(client.generate_image("blue lamp", ["P00003"], steps=2, width=64, height=64))
     for rpc, stage in (("Recommend", "prefill"), ("GenerateImage", "unet_per_step"), ("GenerateImage", "vae_decoder")):
         assert metrics.value("unimp_stage_seconds_count", {"rpc": rpc, "stage": stage}) >= 1
+
+
+def test_generate_image_from_a_history_without_images(server) -> None:  # type: ignore[no-untyped-def]
+    from runtime.types import ItemMeta
+
+    with UnimpClient(server.target) as client:
+        client.upsert_item("TXT-IMG", ItemMeta(category="Toys", title="Wooden train"))
+        client.record_interaction("no-pictures", "TXT-IMG")
+        client.record_interaction("no-pictures", HistoryItem(meta=ItemMeta(title="Desk lamp"), rating=0))
+        events = list(client.generate_image("red sneaker", user_id="no-pictures", steps=1, width=64, height=64))
+    result = events[-1]
+    assert isinstance(result, ImageResult) and result.prompt.startswith("red sneaker")

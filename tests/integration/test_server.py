@@ -211,9 +211,10 @@ def test_generate_image_streams_progress_then_png(client: UnimpClient) -> None:
 
 
 def test_record_interaction_feeds_user_history(client: UnimpClient, engine: FakeEngine) -> None:
-    assert client.record_interaction("user-1", "sku-0001", occurred_at_ms=1000) == 1
-    assert client.record_interaction("user-1", HistoryItem(item_id="sku-0002", rating=4), occurred_at_ms=3000) == 2
-    assert client.record_interaction("user-1", HistoryItem(meta=ItemMeta(title="Gift card")), occurred_at_ms=2000) == 3
+    assert client.record_interaction("user-1", "sku-0001", occurred_at_ms=1000).history_length == 1
+    assert client.record_interaction("user-1", HistoryItem(item_id="sku-0002", rating=4), occurred_at_ms=3000).history_length == 2
+    assert client.record_interaction("user-1", HistoryItem(meta=ItemMeta(title="Gift card")),
+                                     occurred_at_ms=2000).history_length == 3
     result = client.recommend(user_id="user-1", history=["sku-0007"], top_k=3)
     assert len(result.items) == 3
     sent = engine.last_request.history  # type: ignore[attr-defined]

@@ -211,3 +211,44 @@ def test_concurrent_edits(catalog: Catalog) -> None:
     for thread in threads:
         thread.join()
     assert catalog.version == 100 and len(catalog) == 300
+
+
+def test_a_recreated_item_keeps_its_model_token(tmp_path: Path, tiny_artifacts: Path, manifest: Manifest) -> None:
+    catalog = Catalog(tiny_artifacts, manifest, state_dir=tmp_path)
+    token = catalog.token_of("P00030")
+    assert token >= 0
+    catalog.delete("P00030")
+    again = catalog.upsert(CatalogItem("P00030", ItemMeta(title="Back")))
+    assert again.token == token and catalog.by_token(token) == again
+    token31 = catalog.token_of("P00031")
+    catalog.delete("P00031")
+    catalog.close()
+    # the tombstone remembers the token across a reopen
+    reopened = Catalog(tiny_artifacts, manifest, state_dir=tmp_path)
+    assert reopened.token_of("P00030") == token
+    back = reopened.upsert(CatalogItem("P00031", ItemMeta(title="Back too")))
+    assert back.token == token31 and reopened.by_token(token31) == back
+    reopened.close()
+    # a token explicitly handed to another item is not taken from it
+    other = Catalog(tiny_artifacts, manifest)
+    other.delete("P00040")
+    other.upsert(CatalogItem("NEW-40", ItemMeta(), token=40))
+    assert other.upsert(CatalogItem("P00040", ItemMeta())).token == -1 and other.token_of("NEW-40") == 40
+
+
+def test_state_files_are_private(tmp_path: Path, tiny_artifacts: Path, manifest: Manifest) -> None:
+    import os
+    import stat
+
+    state = tmp_path / "new" / "state"
+    catalog = Catalog(tiny_artifacts, manifest, state_dir=state)
+    catalog.upsert(CatalogItem("NEW-1", ItemMeta(title="x")))
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    files = [state / "catalog.sqlite", state / "catalog.sqlite-wal", state / "catalog.sqlite-shm"]
+    for path in files:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+    catalog.close()
+    # files an older version left world-readable are narrowed on open
+    os.chmod(files[0], 0o644)
+    Catalog(tiny_artifacts, manifest, state_dir=state).close()
+    assert stat.S_IMODE(os.stat(files[0]).st_mode) == 0o600

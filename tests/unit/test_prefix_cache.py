@@ -35,3 +35,17 @@ def test_lru_eviction_under_budget_and_counters() -> None:
     assert cache.get("huge") is None and len(cache) == 3
     cache.clear()
     assert cache.bytes == 0 and len(cache) == 0
+
+
+def test_forget_drops_only_the_owners_entries() -> None:
+    cache = PrefixCache(budget_bytes=10_000)
+    cache.put("a", entry(400), owner=("t1", "u1"))
+    cache.put("b", entry(400), owner=("t2", "u1"))  # same user id in another tenant
+    cache.put("c", entry(400))  # inline history: no owner
+    cache.put("d", entry(400), owner=("t1", "u2"))
+    assert cache.get("d", owner=("t1", "u1")) is not None  # u1's stored history hit u2's prefix: tagged too
+    assert cache.forget(("t1", "u1")) == 2
+    assert cache.get("a") is None and cache.get("d") is None
+    assert cache.get("b") is not None and cache.get("c") is not None
+    assert cache.bytes == 1600 and len(cache) == 2
+    assert cache.forget(("t1", "u1")) == 0 and cache.forget(("t2", "u1")) == 1 and cache.bytes == 800

@@ -87,3 +87,74 @@ def test_prefix_is_the_history_in_token_space(tiny_artifacts: Path) -> None:
     # whole-prompt tokenization: the prefix tokens are exactly the tokenization of the history text
     alone = tok.encode(recommendation_prompt((A, B)).prefix_text.rstrip(" "), add_special_tokens=False).ids
     assert alone == rec.ids[: rec.prefix_len].tolist()
+
+
+T = ResolvedItem(ItemMeta("Books", "12", "Inkwell", "Pocket Atlas"), "P5", 30, has_image=False)
+M_T = "Category Books Price 12 Brand Inkwell Title Pocket Atlas"
+
+
+def test_text_only_item_has_no_image_token() -> None:
+    p = recommendation_prompt((T, A, T))
+    assert p.text == (f"{M_T} item_30 <|endofchunk|> <image> {M_A} item_7 <|endofchunk|> "
+                      f"{M_T} item_30 <|endofchunk|> What is the next item recommended to the user? <answer>")
+    assert p.images == (A,) and p.prefix_images == 1 and p.history_tokens == (30, 7, 30)
+    s = search_prompt((T,), "atlas")
+    assert s.text == (f"{M_T} item_30 <|endofchunk|> Query: atlas What is the related item ID "
+                      "to the query based on the history? <answer>")
+    assert s.images == () and s.prefix_images == 0
+
+
+def test_text_only_preference_target_and_history() -> None:
+    rated_t = ResolvedItem(T.meta, "P5", 30, rating=2, explanation="Too small.", has_image=False)
+    p = preference_prompt((rated_t, B), T)
+    assert p.text == (f"{M_T} <answer> rate_2 Too small. <|endofchunk|> "
+                      f"<image> {M_B} <answer> rate_4 Smells lovely. <|endofchunk|> "
+                      f"{M_T} What is the rating and explanation for the item? <answer>")
+    assert p.images == (B,) and p.prefix_images == 1
+
+
+def test_unknown_rating_drops_the_rating_and_an_empty_answer() -> None:
+    explained = ResolvedItem(B.meta, "P2", 12, rating=0, explanation="Smells lovely.")
+    bare = ResolvedItem(A.meta, "P1", 7, rating=0)
+    target = ResolvedItem(ItemMeta("Shoes", "10", "Oakstep", "Loafer"), "P3", 3)
+    p = preference_prompt((explained, bare), target)
+    assert p.text == (f"<image> {M_B} <answer> Smells lovely. <|endofchunk|> "
+                      f"<image> {M_A} <|endofchunk|> "
+                      "<image> Category Shoes Price 10 Brand Oakstep Title Loafer "
+                      "What is the rating and explanation for the item? <answer>")
+    rated_only = ResolvedItem(A.meta, "P1", 7, rating=5)
+    assert preference_prompt((rated_only,), target).prefix_text == f"<image> {M_A} <answer> rate_5 <|endofchunk|> "
+    with pytest.raises(InvalidRequest) as err:
+        preference_prompt((A, ResolvedItem(A.meta, "P1", 7, rating=6)), target)
+    assert err.value.field == "history[1].rating" and str(err.value).startswith("history[1].rating: ")
+
+
+def test_text_only_selection_candidates() -> None:
+    p = selection_prompt((T, A), (T, B))
+    assert p.text == (f"User history: {M_T} <|endofchunk|> <image> {M_A} <|endofchunk|> Select from: "
+                      f"Selection s_0 {M_T} <|endofchunk|> <image> Selection s_1 {M_B} <|endofchunk|> "
+                      "Can you select the suitable item from above for the user? <answer> ")
+    assert p.images == (A, B) and p.prefix_images == 1
+
+
+def test_check_history_item_is_the_write_and_read_rule() -> None:
+    from runtime.prompts import check_history_item
+    from runtime.types import HistoryItem
+
+    for ok in (HistoryItem(item_id="P1"), HistoryItem(meta=ItemMeta(title="x")), HistoryItem(image=b"png"),
+               HistoryItem(item_id="P1", rating=0), HistoryItem(item_id="P1", rating=5)):
+        check_history_item(ok, "item")
+    for bad, field in ((HistoryItem(), "item"), (HistoryItem(meta=ItemMeta()), "item"),
+                       (HistoryItem(item_id="P1", rating=6), "item.rating")):
+        with pytest.raises(InvalidRequest) as err:
+            check_history_item(bad, "item")
+        assert err.value.field == field and str(err.value).startswith(field + ": ")
+
+
+def test_text_only_prefix_counts_only_prefix_images(tiny_artifacts: Path) -> None:
+    m = load_manifest(tiny_artifacts)
+    tok = Tokenizer.from_file(str(tiny_artifacts / "tokenizer.json"))
+    enc = encode(selection_prompt((T, T), (A, B)), tok, m.tokens.endofchunk, m.tokens.image)
+    assert enc.prompt.prefix_images == 0 and len(enc.prompt.images) == 2
+    assert int((enc.ids[: enc.prefix_len] == m.tokens.image).sum()) == 0
+    assert enc.ids[enc.prefix_len - 1] == m.tokens.endofchunk
