@@ -244,9 +244,9 @@ class Runtime:
         """The prompt with the most recent history items (up to ``max_history``) that fits the model.
 
         ``build(n)`` makes the prompt from the newest ``n`` history items. The oldest items are dropped
-        until the prompt leaves room for one generated token; when even the newest item alone does not
-        fit, the rest of the prompt is too long and the error names ``blame`` (``query``, ``target``,
-        ``candidates``, or the newest history item) with the token counts.
+        until the prompt leaves room for one generated token. When even the newest item alone does not
+        fit, the error names the newest history item if the prompt would fit without its chunk, else
+        ``blame`` (``query``, ``target``, ``candidates``), with the token counts.
         """
         limit = self.manifest.decoder.max_positions - 1
         t = self.manifest.tokens
@@ -254,12 +254,20 @@ class Runtime:
         n = start = max(n, 1)
         while True:
             prompt = build(n)
-            length = len(encode(prompt, self.tokenizer, t.endofchunk, t.image).ids)
+            enc = encode(prompt, self.tokenizer, t.endofchunk, t.image)
+            length = len(enc.ids)
             if length <= limit:
                 if n < start:
                     log.debug("prompt fits with the newest %d history items (%d tokens)", n, length)
                 return prompt
             if n == 1:
+                if length - enc.prefix_len <= limit:  # the rest fits: the newest history item alone is too long
+                    blame = f"history[{history_len - 1}]"
+                    raise InvalidRequest(
+                        f"{blame}: this item's history chunk is {enc.prefix_len} tokens, so the prompt is {length} "
+                        f"tokens; the model takes at most {limit} prompt tokens ({limit + 1} positions)",
+                        field=blame,
+                    )
                 raise InvalidRequest(
                     f"{blame}: the prompt is {length} tokens even with only the newest history item; "
                     f"the model takes at most {limit} prompt tokens ({limit + 1} positions)",

@@ -35,6 +35,20 @@ RATED = (("P00005", 4), ("P00009", 2), ("P00012", 5))
 LIMITS = Limits()
 
 
+def _overlong_item() -> ppb.HistoryItem:
+    """An inline item whose chunk alone exceeds the tiny model's 1,024 positions: four fields of 20 words
+    (prompts keep 20 words per field) of 28 seeded random letters, each field within max_text_chars."""
+    import random
+
+    rng = random.Random(0)
+
+    def field() -> str:
+        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(28)) for _ in range(20))
+
+    return ppb.HistoryItem(inline_item=ppb.InlineItem(attributes=cpb.ItemAttributes(
+        category=field(), price=field(), brand=field(), title=field())))
+
+
 @dataclass
 class Served:
     server: ServerThread
@@ -149,9 +163,10 @@ BAD_REQUESTS: list[tuple[str, Message, grpc.StatusCode, str]] = [
     ("PredictPreference", ppb.PredictPreferenceRequest(
         history=rated(), target=ppb.HistoryItem(item_id="P00021"), sampling=ppb.SamplingOptions(temperature=6)),
      INVALID, "sampling.temperature"),
-    ("PredictPreference", ppb.PredictPreferenceRequest(history=[*rated(), ppb.HistoryItem(item_id="P00030")],
+    ("PredictPreference", ppb.PredictPreferenceRequest(history=[*rated(), _overlong_item()],
                                                        target=ppb.HistoryItem(item_id="P00021")),
-     INVALID, "history[3].rating"),
+     INVALID, "history[3]"),
+    ("Recommend", ppb.RecommendRequest(history=[*ids(*HISTORY), _overlong_item()]), INVALID, "history[4]"),
     ("Explain", ppb.ExplainRequest(history=rated(), target=ppb.HistoryItem(item_id="P00021"),
                                    sampling=ppb.SamplingOptions(max_new_tokens=LIMITS.max_new_tokens + 1)),
      INVALID, "sampling.max_new_tokens"),
@@ -307,29 +322,28 @@ def test_catalog_edits_then_lookups_use_request_paths(served: Served) -> None:
 
 
 def test_engine_history_indices_become_request_paths_after_stored_interactions(served: Served) -> None:
-    def record(user: str, item: str, rating: int) -> None:
-        call(served.channel, "RecordInteraction", ppb.RecordInteractionRequest(
-            user_id=user, item=ppb.HistoryItem(item_id=item, rating=rating)))
+    def record(user: str, item: ppb.HistoryItem) -> None:
+        call(served.channel, "RecordInteraction", ppb.RecordInteractionRequest(user_id=user, item=item))
 
     target = ppb.HistoryItem(item_id="P00021")
-    # two rated stored interactions, then an unrated inline item: the engine's history[3] is the request's history[1]
-    record("carol", "P00005", 4)
-    record("carol", "P00009", 2)
-    request = ppb.PredictPreferenceRequest(user_id="carol", target=target, history=[
-        ppb.HistoryItem(item_id="P00012", rating=5), ppb.HistoryItem(item_id="P00030")])
+    # two stored interactions, then an inline item and an over-long one: the engine's history[3] (the newest,
+    # which alone does not fit the model) is the request's history[1]
+    record("carol", ppb.HistoryItem(item_id="P00005", rating=4))
+    record("carol", ppb.HistoryItem(item_id="P00009", rating=2))
+    request = ppb.RecommendRequest(user_id="carol", history=[ppb.HistoryItem(item_id="P00012"), _overlong_item()])
     with pytest.raises(grpc.RpcError) as info:
-        call(served.channel, "PredictPreference", request)
+        call(served.channel, "Recommend", request)
     assert info.value.code() == INVALID
-    assert info.value.details().startswith("history[1].rating: ")
-    assert dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY) == "history[1].rating"
-    # an unrated stored interaction is not a request field: the error names user_id
-    record("dave", "P00005", 0)
+    assert info.value.details().startswith("history[1]: ")
+    assert dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY) == "history[1]"
+    # an over-long stored interaction is not a request field: the error names user_id
+    record("dave", _overlong_item())
     with pytest.raises(grpc.RpcError) as info:
-        call(served.channel, "Explain", ppb.ExplainRequest(user_id="dave", target=target, history=rated()))
+        call(served.channel, "Recommend", ppb.RecommendRequest(user_id="dave"))
     assert info.value.code() == INVALID
-    assert info.value.details().startswith("user_id: a stored interaction (history[0].rating): ")
+    assert info.value.details().startswith("user_id: a stored interaction (history[0]): ")
     assert dict(info.value.trailing_metadata() or ()).get(FIELD_METADATA_KEY) == "user_id"
-    # fully rated, the same requests succeed
+    # with ordinary items the same user is served
     ok = call(served.channel, "PredictPreference", ppb.PredictPreferenceRequest(
         user_id="carol", target=target, history=rated(), sampling=ppb.SamplingOptions(max_new_tokens=2)))
     assert abs(sum(ok.prediction.rating_distribution) - 1) < 1e-5
