@@ -270,6 +270,6 @@ def test_inline_image_is_encoded_at_request_time(rt: Runtime) -> None:
     encoded_before = rt.vision.images_encoded
     latents, _ = rt._media_latents((cached, inline))
     assert rt.vision.images_encoded == encoded_before + 1
-    np.testing.assert_allclose(latents[1], latents[0], atol=1e-5)
+    np.testing.assert_allclose(latents[1], latents[0], atol=1e-5, rtol=1e-6)
     got = rt.recommend(RecommendRequest((*HISTORY[:-1], HistoryItem(meta=entry.meta, image=inline.image)), top_k=5))
     assert len(got.items) == 5
