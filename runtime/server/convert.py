@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError, Message
 from PIL import Image, UnidentifiedImageError
 
-from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult
+from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult, ImageScheduler
 from runtime.server.config import LimitsConfig
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
@@ -61,8 +61,8 @@ warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 _MODES = {ppb.DECODE_MODE_UNSPECIFIED: DecodeMode.FAST, ppb.DECODE_MODE_FAST: DecodeMode.FAST,
           ppb.DECODE_MODE_BEAM: DecodeMode.BEAM}
-_SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: "ddim", ppb.IMAGE_SCHEDULER_DDIM: "ddim",
-               ppb.IMAGE_SCHEDULER_EULER: "euler", ppb.IMAGE_SCHEDULER_PNDM: "pndm"}
+_SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: ImageScheduler.DDIM, ppb.IMAGE_SCHEDULER_DDIM: ImageScheduler.DDIM,
+               ppb.IMAGE_SCHEDULER_EULER: ImageScheduler.EULER, ppb.IMAGE_SCHEDULER_PNDM: ImageScheduler.PNDM}
 _FINISH = {"eos": ppb.FINISH_REASON_EOS, "length": ppb.FINISH_REASON_LENGTH,
            "cancelled": ppb.FINISH_REASON_CANCELLED}
 _IMAGE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ImageRequest)}

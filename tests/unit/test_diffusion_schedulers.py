@@ -17,13 +17,16 @@ ddim_mod = pytest.importorskip("diffusers.schedulers.scheduling_ddim")
 euler_mod = pytest.importorskip("diffusers.schedulers.scheduling_euler_discrete")
 ancestral_mod = pytest.importorskip("diffusers.schedulers.scheduling_euler_ancestral_discrete")
 dpm_mod = pytest.importorskip("diffusers.schedulers.scheduling_dpmsolver_multistep")
+pndm_mod = pytest.importorskip("diffusers.schedulers.scheduling_pndm")
 
 from runtime.diffusion.schedulers import (  # noqa: E402
+    SCHEDULERS,
     DPMSolverMultistepScheduler,
     SchedulerConfigError,
     make_scheduler,
     resolve_scheduler_name,
 )
+from runtime.types import ImageScheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SD15 = {  # Stable Diffusion 1.x keys
@@ -39,6 +42,7 @@ REFERENCE = {
     "euler": euler_mod.EulerDiscreteScheduler,
     "euler_ancestral": ancestral_mod.EulerAncestralDiscreteScheduler,
     "dpmpp_2m": dpm_mod.DPMSolverMultistepScheduler,
+    "pndm": pndm_mod.PNDMScheduler,
 }
 NOISE_MODULES = {"ddim": ddim_mod, "euler_ancestral": ancestral_mod}
 CASES: list[tuple[str, dict[str, Any]]] = [
@@ -66,6 +70,11 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("dpmpp_2m", {"beta_schedule": "linear", "timestep_spacing": "trailing", "solver_type": "heun"}),
     ("dpmpp_2m", {**SD15, "use_karras_sigmas": True}),
     ("dpmpp_2m", {"beta_schedule": "squaredcos_cap_v2", "final_sigmas_type": "sigma_min"}),
+    ("pndm", {**SD15, "skip_prk_steps": True}),  # Stable Diffusion 1.5's scheduler_config.json
+    ("pndm", {**SD15, "skip_prk_steps": True, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}),
+    ("pndm", {**SD15, "skip_prk_steps": True, "timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    ("pndm", {**SD15, "skip_prk_steps": False}),  # F-PNDM: Runge-Kutta warm-up
+    ("pndm", {"beta_schedule": "linear", "timestep_spacing": "trailing"}),
 ]
 SHAPE = (2, 4, 8, 8)
 
@@ -167,6 +176,9 @@ def _run_loop(
         ("euler_ancestral", SD15, 20, 0.0),
         ("dpmpp_2m", SD15, 20, 0.0),
         ("dpmpp_2m", {**SD15, "use_karras_sigmas": True}, 25, 0.0),
+        ("pndm", {**SD15, "skip_prk_steps": True}, 20, 0.0),
+        ("pndm", {**SD15, "skip_prk_steps": True, "prediction_type": "v_prediction"}, 15, 0.0),
+        ("pndm", {**SD15, "skip_prk_steps": False}, 10, 0.0),
     ],
 )
 def test_whole_loop_matches_diffusers(
@@ -210,7 +222,17 @@ def test_whole_loop_matches_diffusers(
 def test_names_and_config_errors() -> None:
     assert resolve_scheduler_name("euler_a", {}) == "euler_ancestral"
     assert resolve_scheduler_name("default", {"_class_name": "EulerDiscreteScheduler"}) == "euler"
-    assert resolve_scheduler_name("default", {"_class_name": "PNDMScheduler"}) == "ddim"
+    assert resolve_scheduler_name("default", {"_class_name": "PNDMScheduler"}) is ImageScheduler.PNDM
+    assert resolve_scheduler_name("default", {"_class_name": "LMSDiscreteScheduler"}) is ImageScheduler.DDIM
+    assert resolve_scheduler_name("plms", {}) is ImageScheduler.PNDM
+    assert resolve_scheduler_name(ImageScheduler.PNDM, {}) is ImageScheduler.PNDM
+    # every request-facing scheduler has an implementation (DEFAULT resolves to one of them)
+    assert set(SCHEDULERS) == set(ImageScheduler) - {ImageScheduler.DEFAULT}
+    assert all(make_scheduler(member, SD15).name is resolve_scheduler_name(member, SD15) for member in ImageScheduler)
+    with pytest.raises(SchedulerConfigError, match="prediction_type"):
+        make_scheduler("pndm", {"prediction_type": "sample"})
+    with pytest.raises(SchedulerConfigError, match="Runge-Kutta"):
+        make_scheduler("pndm", {"skip_prk_steps": False}).set_timesteps(3)
     with pytest.raises(KeyError):
         resolve_scheduler_name("lms", {})
     with pytest.raises(SchedulerConfigError, match="beta_schedule"):
