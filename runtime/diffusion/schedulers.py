@@ -821,4 +821,8 @@ def make_scheduler(name: ImageScheduler | str, config: Mapping[str, Any]) -> Sch
     if canonical is ImageScheduler.DPMPP_2M:
         # "2M" is second-order multistep DPM-Solver++ whatever solver the model shipped with
         cfg.update(algorithm_type="dpmsolver++", solver_order=2)
+    if canonical is ImageScheduler.PNDM and cfg.get("_class_name") != "PNDMScheduler":
+        # a model that ships another scheduler gets PNDM as Stable Diffusion configures it (PLMS,
+        # steps + 1 UNet calls), not diffusers' class default (Runge-Kutta warm-up, steps + 9 calls)
+        cfg.setdefault("skip_prk_steps", True)
     return SCHEDULERS[canonical](cfg)

@@ -210,6 +210,36 @@ def test_generate_image_streams_progress_then_png(client: UnimpClient) -> None:
         assert img.format == "PNG" and img.size == (32, 24)
 
 
+@pytest.mark.parametrize(
+    ("name", "expected"), [("ddim", "ddim"), ("euler", "euler"), ("pndm", "pndm")]
+)
+def test_generate_image_carries_the_scheduler_enum(
+    client: UnimpClient, engine: FakeEngine, name: str, expected: str
+) -> None:
+    from runtime.api import ImageScheduler
+
+    list(client.generate_image("red shoes", ["sku-0001"], steps=2, width=32, height=32, scheduler=name))
+    sent = engine.last_request.scheduler  # type: ignore[attr-defined]
+    assert isinstance(sent, ImageScheduler) and sent is ImageScheduler(expected)
+
+
+def test_unspecified_scheduler_is_ddim(stubs: Stubs, engine: FakeEngine) -> None:
+    from runtime.api import ImageScheduler
+
+    request = ppb.GenerateImageRequest(history=ids("sku-0001"), query="q", steps=1, width=32, height=32)
+    list(stubs.p.GenerateImage(request, timeout=10))
+    assert engine.last_request.scheduler is ImageScheduler.DDIM  # type: ignore[attr-defined]
+
+
+def test_fake_engine_rejects_a_scheduler_string(engine: FakeEngine) -> None:
+    from runtime.api import ImageRequest
+    from runtime.types import InvalidRequest
+
+    with pytest.raises(InvalidRequest) as info:
+        list(engine.generate_image(ImageRequest(query="q", scheduler="pndm", steps=1)))  # type: ignore[arg-type]
+    assert info.value.field == "scheduler" and str(info.value).startswith("scheduler: ")
+
+
 def test_record_interaction_feeds_user_history(client: UnimpClient, engine: FakeEngine) -> None:
     assert client.record_interaction("user-1", "sku-0001", occurred_at_ms=1000) == 1
     assert client.record_interaction("user-1", HistoryItem(item_id="sku-0002", rating=4), occurred_at_ms=3000) == 2

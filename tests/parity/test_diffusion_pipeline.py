@@ -35,7 +35,10 @@ TORCH_SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler_ancestral": "EulerAncestralDiscreteScheduler",
     "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
 }
+TORCH_OVERRIDES = {"pndm": {"skip_prk_steps": True}}
+"""The runtime's PNDM on a non-PNDM model config is PLMS, as Stable Diffusion configures it."""
 PROMPT = "a red leather boot, vintage style photo"
 NEGATIVE = "blue plastic"
 
@@ -96,7 +99,7 @@ def _torch_generate(
         embeds = sd.text_encoder(ids).last_hidden_state  # (2, L, D)
     n = params.num_images
     cls = getattr(diffusers, TORCH_SCHEDULERS[params.scheduler])
-    sd.scheduler = cls.from_config(pipe.settings.scheduler_config)
+    sd.scheduler = cls.from_config({**pipe.settings.scheduler_config, **TORCH_OVERRIDES.get(params.scheduler, {})})
     # ancestral noise: the runtime draws it from default_rng(seed) once the latents are given
     rng = np.random.default_rng(params.seed)
     monkeypatch.setattr(
@@ -126,7 +129,8 @@ def _torch_generate(
 
 @pytest.mark.parametrize(
     ("scheduler", "width", "height", "num_images"),
-    [("ddim", 64, 64, 1), ("euler", 56, 40, 2), ("dpmpp_2m", 64, 48, 1), ("euler_ancestral", 64, 64, 1)],
+    [("ddim", 64, 64, 1), ("euler", 56, 40, 2), ("dpmpp_2m", 64, 48, 1), ("euler_ancestral", 64, 64, 1),
+     ("pndm", 64, 56, 1)],
 )
 def test_pipeline_matches_diffusers(
     pipe: DiffusionPipeline,

@@ -22,6 +22,7 @@ pndm_mod = pytest.importorskip("diffusers.schedulers.scheduling_pndm")
 from runtime.diffusion.schedulers import (  # noqa: E402
     SCHEDULERS,
     DPMSolverMultistepScheduler,
+    PNDMScheduler,
     SchedulerConfigError,
     make_scheduler,
     resolve_scheduler_name,
@@ -74,7 +75,7 @@ CASES: list[tuple[str, dict[str, Any]]] = [
     ("pndm", {**SD15, "skip_prk_steps": True, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}),
     ("pndm", {**SD15, "skip_prk_steps": True, "timestep_spacing": "trailing", "set_alpha_to_one": True}),
     ("pndm", {**SD15, "skip_prk_steps": False}),  # F-PNDM: Runge-Kutta warm-up
-    ("pndm", {"beta_schedule": "linear", "timestep_spacing": "trailing"}),
+    ("pndm", {"beta_schedule": "linear", "timestep_spacing": "trailing", "skip_prk_steps": False}),
 ]
 SHAPE = (2, 4, 8, 8)
 
@@ -229,10 +230,19 @@ def test_names_and_config_errors() -> None:
     # every request-facing scheduler has an implementation (DEFAULT resolves to one of them)
     assert set(SCHEDULERS) == set(ImageScheduler) - {ImageScheduler.DEFAULT}
     assert all(make_scheduler(member, SD15).name is resolve_scheduler_name(member, SD15) for member in ImageScheduler)
+    # PNDM from another class's config is PLMS (SD's setting); a PNDM config keeps its own choice
+    from_ddim, from_pndm = make_scheduler("pndm", {"_class_name": "DDIMScheduler"}), make_scheduler(
+        "pndm", {"_class_name": "PNDMScheduler"}
+    )
+    assert isinstance(from_ddim, PNDMScheduler) and from_ddim.skip_prk_steps
+    assert isinstance(from_pndm, PNDMScheduler) and not from_pndm.skip_prk_steps
     with pytest.raises(SchedulerConfigError, match="prediction_type"):
         make_scheduler("pndm", {"prediction_type": "sample"})
     with pytest.raises(SchedulerConfigError, match="Runge-Kutta"):
         make_scheduler("pndm", {"skip_prk_steps": False}).set_timesteps(3)
+    pndm = make_scheduler("pndm", SD15)
+    pndm.set_timesteps(4)
+    assert isinstance(pndm, PNDMScheduler) and pndm.timesteps.tolist() == [751, 501, 501, 251, 1]
     with pytest.raises(KeyError):
         resolve_scheduler_name("lms", {})
     with pytest.raises(SchedulerConfigError, match="beta_schedule"):
