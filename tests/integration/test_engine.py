@@ -142,11 +142,17 @@ def test_streamed_text_equals_non_streamed(rt: Runtime) -> None:
 
 
 def test_sampling_is_seeded(rt: Runtime) -> None:
-    def run(seed: int) -> str:
-        opts = SamplingOptions(temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=12)
+    def run(seed: int, temperature: float = 1.0) -> str:
+        opts = SamplingOptions(temperature=temperature, top_p=0.9, seed=seed, max_new_tokens=12)
         return rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00021"), opts)).explanation
 
-    assert run(7) == run(7)
+    assert run(7) == run(7)  # same seed, same tokens
+    sampled = [run(seed) for seed in range(5)]
+    assert len(set(sampled)) >= 3  # different seeds, different samples (greedy decoding would give one)
+    greedy = rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00021"),
+                                                     SamplingOptions(max_new_tokens=12))).explanation
+    assert run(1, temperature=0.0) == run(2, temperature=0.0) == greedy  # temperature 0 is argmax decoding
+    assert any(text != greedy for text in sampled)
 
 
 def test_selection_scores(rt: Runtime) -> None:
