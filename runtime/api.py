@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from runtime.types import (
+    ImageScheduler,
+    InvalidRequest,
     ItemMeta,
     PreferenceRequest,
     PreferenceResult,
@@ -51,8 +53,18 @@ class ImageRequest:
     width: int = 64
     height: int = 64
     seed: int = 0
-    scheduler: str = "ddim"
+    scheduler: ImageScheduler = ImageScheduler.DDIM
+    """DEFAULT: the model's own scheduler class when the runtime implements it, DDIM otherwise."""
     cancel: object | None = None
+
+
+def require_image_scheduler(value: object) -> ImageScheduler:
+    """``ImageRequest.scheduler`` as engines accept it: an ImageScheduler member, nothing else
+    (InvalidRequest on field ``scheduler``)."""
+    if not isinstance(value, ImageScheduler):
+        choices = ", ".join(m.value for m in ImageScheduler)
+        raise InvalidRequest(f"scheduler: must be an ImageScheduler ({choices}), got {value!r}", field="scheduler")
+    return value
 
 
 @dataclass(frozen=True)

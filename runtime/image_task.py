@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.api import ImageProgress, ImageRequest, ImageResult
+from runtime.api import ImageProgress, ImageRequest, ImageResult, require_image_scheduler
 from runtime.decoding.detokenize import IncrementalDetokenizer
 from runtime.decoding.sampling import SamplingConfig, TokenGenerator
 from runtime.diffusion.pipeline import DiffusionPipeline, GenerationParams, GenerationResult, StepProgress
@@ -65,6 +65,7 @@ def write_prompt(rt: Runtime, history: tuple[ResolvedItem, ...], query: str, can
 
 
 def generate_image(rt: Runtime, pipeline: DiffusionPipeline, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
+    scheduler = require_image_scheduler(request.scheduler)
     query = sanitize(request.query)
     if not query:
         raise InvalidRequest("query must not be empty", field="query")
@@ -81,7 +82,7 @@ def generate_image(rt: Runtime, pipeline: DiffusionPipeline, request: ImageReque
         steps=request.steps,
         guidance_scale=request.guidance_scale,
         seed=request.seed,
-        scheduler=request.scheduler or "default",
+        scheduler=scheduler,
     )
     for event in pipeline.stream(params, cancel=cancel):
         if isinstance(event, StepProgress):

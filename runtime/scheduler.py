@@ -136,6 +136,12 @@ class DecodeScheduler:
     def queue_depth(self) -> int:
         return self._waiting
 
+    @property
+    def pending_steps(self) -> int:
+        """Decode steps submitted and not yet taken by the worker (they join the next batched call)."""
+        with self._cond:
+            return len(self._pending)
+
     # -- stepping -----------------------------------------------------------------------------------------
     def _submit(self, state: RowState, tokens: np.ndarray) -> tuple[np.ndarray, RowState]:
         job = _Job(state, np.asarray(tokens, np.int64).reshape(-1))

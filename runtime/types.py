@@ -23,6 +23,41 @@ class ErrorKind(str, Enum):
     INTERNAL = "internal"
 
 
+class ImageScheduler(str, Enum):
+    """Denoising sampler of image generation, carried from the request down to the diffusion pipeline."""
+
+    DEFAULT = "default"
+    """The model's own scheduler class when the runtime implements it, DDIM otherwise."""
+    DDIM = "ddim"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    DPMPP_2M = "dpmpp_2m"
+    """Second-order multistep DPM-Solver++."""
+    PNDM = "pndm"
+    """Pseudo numerical methods (PLMS; Stable Diffusion 1.5's default)."""
+
+    @classmethod
+    def parse(cls, value: object) -> ImageScheduler:
+        """The member for a member, its value or an alias (``euler_a``, ``dpm++_2m``, ``dpmsolver++``,
+        ``plms``). Raises ValueError otherwise."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            name = _SCHEDULER_ALIASES.get(value, value)
+            for member in cls:
+                if member.value == name:
+                    return member
+        raise ValueError(f"unknown scheduler {value!r}; choose one of {', '.join(image_scheduler_choices())}")
+
+
+_SCHEDULER_ALIASES = {"euler_a": "euler_ancestral", "dpm++_2m": "dpmpp_2m", "dpmsolver++": "dpmpp_2m", "plms": "pndm"}
+
+
+def image_scheduler_choices() -> tuple[str, ...]:
+    """Every accepted scheduler name: the members' values, then the aliases."""
+    return (*(m.value for m in ImageScheduler), *_SCHEDULER_ALIASES)
+
+
 class RuntimeError_(Exception):
     """Base of runtime errors; ``field`` names the offending request field where there is one."""
 

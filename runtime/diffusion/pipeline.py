@@ -39,7 +39,7 @@ from runtime.diffusion.schedulers import (
     scheduler_names,
 )
 from runtime.manifest import GraphEntry, Manifest, ManifestError
-from runtime.types import Cancelled, DeadlineExceeded, InvalidRequest, Unavailable
+from runtime.types import Cancelled, DeadlineExceeded, ImageScheduler, InvalidRequest, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,9 @@ class GenerationParams:
     """0..30; values <= 1 disable classifier-free guidance (half the UNet work)."""
     seed: int = 0
     """Seeds the initial latents and any sampler noise (numpy PCG64)."""
-    scheduler: str = "ddim"
-    """ddim, euler, euler_ancestral (euler_a), dpmpp_2m, or default (the model's own, if supported)."""
+    scheduler: ImageScheduler | str = ImageScheduler.DDIM
+    """An ImageScheduler (or its value or an alias: euler_a, dpm++_2m, plms); DEFAULT is the model's
+    own scheduler class when the runtime implements it. ``validate`` resolves it to a concrete member."""
     num_images: int = 1
 
 
@@ -217,7 +218,7 @@ class GenerationResult:
     latents: FloatArray
     """(N, C, h, w) final latents, before the VAE scaling."""
     params: GenerationParams
-    """The request as run (sizes and scheduler name resolved)."""
+    """The request as run (sizes and scheduler resolved)."""
     timings: DiffusionTimings = field(default_factory=DiffusionTimings)
 
     def png(self, index: int = 0) -> bytes:
@@ -421,7 +422,7 @@ class DiffusionPipeline:
                 field="num_images",
             )
         try:
-            scheduler = resolve_scheduler_name(str(params.scheduler), self.settings.scheduler_config)
+            scheduler = resolve_scheduler_name(params.scheduler, self.settings.scheduler_config)
         except KeyError:
             raise InvalidRequest(
                 f"unknown scheduler {params.scheduler!r}; choose one of {', '.join(scheduler_names())}",
@@ -449,9 +450,10 @@ class DiffusionPipeline:
         p = self.validate(params)
         try:
             scheduler = make_scheduler(p.scheduler, self.settings.scheduler_config)
+            scheduler.set_timesteps(p.steps)
         except SchedulerConfigError as exc:
             raise InvalidRequest(
-                f"scheduler {p.scheduler!r} cannot run this model: {exc}", field="scheduler"
+                f"scheduler {ImageScheduler(p.scheduler).value!r} cannot run this model: {exc}", field="scheduler"
             ) from exc
         n, c, f = p.num_images, self.settings.latent_channels, self.settings.vae_scale_factor
         shape = (n, c, cast(int, p.height) // f, cast(int, p.width) // f)  # sizes resolved by validate
@@ -508,7 +510,6 @@ class DiffusionPipeline:
         # (2N, L, D) with the unconditional rows first, as diffusers orders them
         context = np.concatenate([uncond, cond]) if guided and self.batch_guidance else cond
 
-        scheduler.set_timesteps(p.steps)
         rng = np.random.default_rng(p.seed)
         x = rng.standard_normal(shape, dtype=np.float32) if latents is None else latents.astype(np.float32)
         x = x * np.float32(scheduler.init_noise_sigma)  # (N, C, h, w)

@@ -1,7 +1,7 @@
 """Numpy noise schedulers for latent diffusion, constructed from a diffusers ``scheduler_config.json``.
 
-Four samplers cover what SD 1.x/2.x deployments use: DDIM, Euler discrete, Euler ancestral and
-DPM-Solver++ 2M. Each mirrors the diffusers class of the same name (same config keys and defaults,
+Five samplers cover what SD 1.x/2.x deployments use: DDIM, Euler discrete, Euler ancestral,
+DPM-Solver++ 2M and PNDM (PLMS, SD 1.5's default). Each mirrors the diffusers class of the same name (same config keys and defaults,
 same timestep spacings, beta schedules and prediction types) so that an exported model samples the
 same images without torch: ``set_timesteps(n)``, ``scale_model_input(sample, t)``,
 ``step(model_output, t, sample, generator)``, ``init_noise_sigma``.
@@ -25,6 +25,8 @@ from typing import Any, ClassVar, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
+
+from runtime.types import ImageScheduler, image_scheduler_choices
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +205,7 @@ def _unsupported(config: Mapping[str, Any], key: str, allowed: tuple[Any, ...], 
 class Scheduler(ABC):
     """Common state: the noise schedule, the inference timesteps and the step counter."""
 
-    name: ClassVar[str]
+    name: ClassVar[ImageScheduler]
     spacing_default: ClassVar[TimestepSpacing] = "linspace"
     zero_snr_floor: ClassVar[bool] = True
     """Sigma-based schedulers clamp the last alphas_cumprod to 2^-24 under zero-SNR rescaling
@@ -269,7 +271,7 @@ class Scheduler(ABC):
 class DDIMScheduler(Scheduler):
     """Denoising diffusion implicit models (Song et al. 2020); deterministic at eta = 0."""
 
-    name = "ddim"
+    name = ImageScheduler.DDIM
     spacing_default = "leading"
     zero_snr_floor = False
 
@@ -379,7 +381,7 @@ class _SigmaScheduler(Scheduler):
 class EulerDiscreteScheduler(_SigmaScheduler):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
 
-    name = "euler"
+    name = ImageScheduler.EULER
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -439,7 +441,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):
     """Euler steps down to sigma_down, then fresh noise back up to sigma_to (ancestral sampling)."""
 
-    name = "euler_ancestral"
+    name = ImageScheduler.EULER_ANCESTRAL
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -482,7 +484,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 class DPMSolverMultistepScheduler(_SigmaScheduler):
     """DPM-Solver++ (Lu et al. 2022) in data-prediction form; order 2 = "DPM++ 2M"."""
 
-    name = "dpmpp_2m"
+    name = ImageScheduler.DPMPP_2M
 
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -628,48 +630,199 @@ class DPMSolverMultistepScheduler(_SigmaScheduler):
         )
 
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
+class PNDMScheduler(Scheduler):
+    """Pseudo numerical methods for diffusion models (Liu et al. 2022, arXiv 2202.09778).
+
+    With ``skip_prk_steps`` (Stable Diffusion's config) this is PLMS: linear multistep over the last
+    four noise predictions, warmed up by one extra model call at the first timestep (so n steps make
+    n + 1 UNet calls, the first timestep listed twice). Without it, F-PNDM: three Runge-Kutta steps
+    (four model calls each, at half steps) before the multistep ones. State is a step counter, as in
+    diffusers, so ``step`` must see the timesteps in order.
+    """
+
+    name = ImageScheduler.PNDM
+    spacing_default = "leading"
+    zero_snr_floor = False
+    order = 4
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        _unsupported(config, "prediction_type", ("epsilon", "v_prediction"), "epsilon")
+        _unsupported(config, "rescale_betas_zero_snr", (False,), False)
+        self.skip_prk_steps = bool(config.get("skip_prk_steps", False))
+        set_alpha_to_one = bool(config.get("set_alpha_to_one", False))
+        self.final_alpha_cumprod = np.float32(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.prk_timesteps: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._counter = 0
+        self._ets: list[FloatArray] = []
+        """Noise predictions of the multistep history (at most four kept)."""
+        self._cur_sample: FloatArray | None = None
+        self._cur_output: FloatArray | None = None
+        """Runge-Kutta: the weighted sum of this step's model outputs so far."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        n, train = num_inference_steps, self.schedule.num_train_timesteps
+        if not 1 <= n <= train:
+            raise ValueError(f"num_inference_steps must be in 1..{train}, got {n}")
+        spacing = self.schedule.timestep_spacing
+        if spacing == "linspace":
+            base = np.linspace(0, train - 1, n).round().astype(np.int64)
+        elif spacing == "leading":
+            base = (np.arange(0, n) * (train // n)).round().astype(np.int64) + self.schedule.steps_offset
+        else:
+            base = np.round(np.arange(train, 0, -train / n))[::-1].astype(np.int64) - 1
+        # base ascends
+        if self.skip_prk_steps:
+            self.prk_timesteps = np.zeros(0, dtype=np.int64)
+            plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+        else:
+            if n < self.order:
+                raise SchedulerConfigError(
+                    f"PNDM's Runge-Kutta warm-up needs at least {self.order} steps (or skip_prk_steps=true)"
+                )
+            half = train // n // 2
+            prk = base[-self.order :].repeat(2) + np.tile(np.array([0, half]), self.order)
+            self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].astype(np.int64)
+            plms = base[:-3][::-1]
+        self.timesteps = np.concatenate([self.prk_timesteps, plms]).astype(np.int64)
+        self.num_inference_steps = n
+        self._reset()
+
+    def step(
+        self,
+        model_output: FloatArray,
+        timestep: float,
+        sample: FloatArray,
+        generator: np.random.Generator | None = None,
+    ) -> StepOutput:
+        self._require_timesteps()
+        model_output = model_output.astype(np.float32, copy=False)
+        sample = sample.astype(np.float32, copy=False)
+        if self._counter < len(self.prk_timesteps) and not self.skip_prk_steps:
+            return self._step_prk(model_output, int(timestep), sample)
+        return self._step_plms(model_output, int(timestep), sample)
+
+    def _step_prk(self, model_output: FloatArray, t: int, sample: FloatArray) -> StepOutput:
+        n = cast(int, self.num_inference_steps)
+        c = self._counter
+        prev_t = t - (0 if c % 2 else self.schedule.num_train_timesteps // n // 2)
+        t = int(self.prk_timesteps[c // 4 * 4])
+        phase = c % 4
+        if phase == 0:
+            self._cur_output = np.float32(1 / 6) * model_output
+            self._ets.append(model_output)
+            self._cur_sample = sample
+        elif phase in (1, 2):
+            self._cur_output = cast(FloatArray, self._cur_output) + np.float32(1 / 3) * model_output
+        else:
+            model_output = cast(FloatArray, self._cur_output) + np.float32(1 / 6) * model_output
+            self._cur_output = None
+        base = self._cur_sample if self._cur_sample is not None else sample
+        prev, x0 = self._prev_sample(base, t, prev_t, model_output)
+        self._counter += 1
+        return StepOutput(prev, x0)
+
+    def _step_plms(self, model_output: FloatArray, t: int, sample: FloatArray) -> StepOutput:
+        if not self.skip_prk_steps and len(self._ets) < 3:
+            raise RuntimeError("PNDM's multistep phase needs the Runge-Kutta warm-up steps first")
+        ratio = self.schedule.num_train_timesteps // cast(int, self.num_inference_steps)
+        prev_t = t - ratio
+        if self._counter != 1:
+            self._ets = [*self._ets[-3:], model_output]
+        else:  # the warm-up call: the first timestep again, averaged with the first prediction
+            prev_t, t = t, t + ratio
+        ets = self._ets
+        if len(ets) == 1 and self._counter == 0:
+            self._cur_sample = sample
+        elif len(ets) == 1 and self._counter == 1:
+            model_output = (model_output + ets[-1]) / np.float32(2)
+            sample = cast(FloatArray, self._cur_sample)
+            self._cur_sample = None
+        elif len(ets) == 2:
+            model_output = (np.float32(3) * ets[-1] - ets[-2]) / np.float32(2)
+        elif len(ets) == 3:
+            model_output = (np.float32(23) * ets[-1] - np.float32(16) * ets[-2] + np.float32(5) * ets[-3]) / np.float32(
+                12
+            )
+        else:
+            model_output = np.float32(1 / 24) * (
+                np.float32(55) * ets[-1] - np.float32(59) * ets[-2] + np.float32(37) * ets[-3] - np.float32(9) * ets[-4]
+            )
+        prev, x0 = self._prev_sample(sample, t, prev_t, model_output)
+        self._counter += 1
+        return StepOutput(prev, x0)
+
+    def _prev_sample(
+        self, sample: FloatArray, t: int, prev_t: int, model_output: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
+        """x_{t - delta} from x_t and the (combined) noise prediction: the paper's formula (9)."""
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        if self.prediction_type == "v_prediction":  # convert v to the noise prediction
+            model_output = a_t**0.5 * model_output + b_t**0.5 * sample
+        sample_coeff = (a_prev / a_t) ** 0.5
+        denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
+        prev = sample_coeff * sample - (a_prev - a_t) * model_output / denom
+        x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+        return prev.astype(np.float32, copy=False), x0.astype(np.float32, copy=False)
+
+
+SCHEDULERS: dict[ImageScheduler, type[Scheduler]] = {
     cls.name: cls
     for cls in (
         DDIMScheduler,
         EulerDiscreteScheduler,
         EulerAncestralDiscreteScheduler,
         DPMSolverMultistepScheduler,
+        PNDMScheduler,
     )
 }
-"""Request-facing scheduler names -> classes."""
-
-_ALIASES = {"euler_a": "euler_ancestral", "dpm++_2m": "dpmpp_2m", "dpmsolver++": "dpmpp_2m"}
+"""Request-facing schedulers -> classes: every ImageScheduler but DEFAULT."""
 
 _DIFFUSERS_CLASSES = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DDIMScheduler": ImageScheduler.DDIM,
+    "EulerDiscreteScheduler": ImageScheduler.EULER,
+    "EulerAncestralDiscreteScheduler": ImageScheduler.EULER_ANCESTRAL,
+    "DPMSolverMultistepScheduler": ImageScheduler.DPMPP_2M,
+    "PNDMScheduler": ImageScheduler.PNDM,
 }
 
 
 def scheduler_names() -> tuple[str, ...]:
-    return (*SCHEDULERS, *_ALIASES, "default")
+    """Every accepted scheduler name (ImageScheduler values, then aliases)."""
+    return image_scheduler_choices()
 
 
-def resolve_scheduler_name(name: str, config: Mapping[str, Any]) -> str:
-    """Canonical name for ``name``; "default" is the model's own scheduler class when it is one of ours
-    (DDIM otherwise). Raises KeyError for unknown names."""
-    if name == "default":
-        return _DIFFUSERS_CLASSES.get(str(config.get("_class_name", "")), "ddim")
-    canonical = _ALIASES.get(name, name)
-    if canonical not in SCHEDULERS:
-        raise KeyError(name)
-    return canonical
+def resolve_scheduler_name(name: ImageScheduler | str, config: Mapping[str, Any]) -> ImageScheduler:
+    """The concrete scheduler for ``name`` (a member, its value or an alias); DEFAULT is the model's own
+    scheduler class when it is one of ours (DDIM otherwise). Raises KeyError for unknown names."""
+    try:
+        choice = ImageScheduler.parse(name)
+    except ValueError:
+        raise KeyError(name) from None
+    if choice is ImageScheduler.DEFAULT:
+        return _DIFFUSERS_CLASSES.get(str(config.get("_class_name", "")), ImageScheduler.DDIM)
+    return choice
 
 
-def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
+def make_scheduler(name: ImageScheduler | str, config: Mapping[str, Any]) -> Scheduler:
     """Scheduler ``name`` configured from a diffusers scheduler config of any class (like ``from_config``:
     shared keys carry over, the rest take this class's defaults)."""
     canonical = resolve_scheduler_name(name, config)
     cfg = dict(config)
-    if canonical == "dpmpp_2m":
+    if canonical is ImageScheduler.DPMPP_2M:
         # "2M" is second-order multistep DPM-Solver++ whatever solver the model shipped with
         cfg.update(algorithm_type="dpmsolver++", solver_order=2)
+    if canonical is ImageScheduler.PNDM and cfg.get("_class_name") != "PNDMScheduler":
+        # a model that ships another scheduler gets PNDM as Stable Diffusion configures it (PLMS,
+        # steps + 1 UNet calls), not diffusers' class default (Runge-Kutta warm-up, steps + 9 calls)
+        cfg.setdefault("skip_prk_steps", True)
     return SCHEDULERS[canonical](cfg)

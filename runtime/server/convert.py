@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from google.protobuf.message import DecodeError, Message
 from PIL import Image, UnidentifiedImageError
 
-from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult
+from runtime.api import CatalogItem, CatalogPage, ImageProgress, ImageRequest, ImageResult, ImageScheduler
 from runtime.server.config import LimitsConfig
 from runtime.server.errors import with_field
 from runtime.server.protos import catalog_pb2 as cpb
@@ -67,8 +67,8 @@ _MODES = {ppb.DECODE_MODE_UNSPECIFIED: DecodeMode.FAST, ppb.DECODE_MODE_FAST: De
           ppb.DECODE_MODE_BEAM: DecodeMode.BEAM, ppb.DECODE_MODE_BEAM_CONSTRAINED: DecodeMode.BEAM_CONSTRAINED}
 _MODE_PROTOS = {DecodeMode.FAST: ppb.DECODE_MODE_FAST, DecodeMode.BEAM: ppb.DECODE_MODE_BEAM,
                 DecodeMode.BEAM_CONSTRAINED: ppb.DECODE_MODE_BEAM_CONSTRAINED}
-_SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: "ddim", ppb.IMAGE_SCHEDULER_DDIM: "ddim",
-               ppb.IMAGE_SCHEDULER_EULER: "euler", ppb.IMAGE_SCHEDULER_PNDM: "pndm"}
+_SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: ImageScheduler.DDIM, ppb.IMAGE_SCHEDULER_DDIM: ImageScheduler.DDIM,
+               ppb.IMAGE_SCHEDULER_EULER: ImageScheduler.EULER, ppb.IMAGE_SCHEDULER_PNDM: ImageScheduler.PNDM}
 _FINISH = {"eos": ppb.FINISH_REASON_EOS, "length": ppb.FINISH_REASON_LENGTH,
            "cancelled": ppb.FINISH_REASON_CANCELLED}
 _IMAGE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ImageRequest)}

@@ -24,6 +24,7 @@ from runtime.api import (
     ImageProgress,
     ImageRequest,
     ImageResult,
+    require_image_scheduler,
 )
 from runtime.types import (
     Cancelled,
@@ -288,6 +289,7 @@ class FakeEngine:
         self._begin("generate_image", request)
         if not self.diffusion:
             raise Unavailable("these artifacts have no diffusion graphs")
+        require_image_scheduler(request.scheduler)  # the real engine's check, so the fake cannot drift
         cancel = request.cancel if isinstance(request.cancel, CancelToken) else None
         try:
             for step in range(1, request.steps + 1):

@@ -106,7 +106,7 @@ def test_text_before_first_image_ignores_media(runner: DecoderRunner, tiny_refer
     prefix = p[:10]
     a, _ = runner.prefill([PrefillRow(prefix, runner.media_kv(_latents(tiny_reference, 1, 1).numpy()))])
     b, _ = runner.prefill([PrefillRow(prefix, runner.media_kv(_latents(tiny_reference, 1, 2).numpy()))])
-    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
 def test_decode_attends_to_last_image(runner: DecoderRunner, tiny_reference) -> None:  # type: ignore[no-untyped-def]
@@ -150,6 +150,6 @@ def test_step_batches_states_with_different_lengths(runner: DecoderRunner, tiny_
     (sep_a,), _ = runner.step([sa], [ta])
     (sep_b,), _ = runner.step([sb], [tb])
     (joint_a, joint_b), states = runner.step([sa, sb], [ta, tb])
-    np.testing.assert_allclose(joint_a, sep_a, atol=1e-4)
-    np.testing.assert_allclose(joint_b, sep_b, atol=1e-4)
+    np.testing.assert_allclose(joint_a, sep_a, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(joint_b, sep_b, atol=1e-4, rtol=1e-3)
     assert states[0].length == sa.length + 1 and states[1].length == sb.length + 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -61,6 +62,20 @@ def test_generate_image_streams_progress_then_png(server) -> None:  # type: igno
     assert isinstance(result, ImageResult) and result.prompt.startswith("red sneaker")
     image = Image.open(io.BytesIO(result.png))
     assert image.format == "PNG" and image.size == (64, 48)
+
+
+def test_generate_image_with_pndm_on_the_real_engine(server) -> None:  # type: ignore[no-untyped-def]
+    with UnimpClient(server.target) as client:
+        events = list(client.generate_image("red sneaker", ["P00003"], steps=4, width=64, height=64, seed=3,
+                                            scheduler="pndm"))
+    progress = [e for e in events if isinstance(e, ImageProgress)]
+    # PLMS: one UNet call per step plus the warm-up call at the first timestep (DDIM would make 4)
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5] and {p.total for p in progress} == {5}
+    result = events[-1]
+    assert isinstance(result, ImageResult) and (result.width, result.height) == (64, 64)
+    image = Image.open(io.BytesIO(result.png))
+    assert image.format == "PNG" and image.size == (64, 64)
+    assert np.asarray(image).std() > 1  # the sampler produced an image, not a constant fill
 
 
 @pytest.mark.parametrize("kwargs, field", [({"width": 60}, "width"), ({"steps": 100000}, "steps"),

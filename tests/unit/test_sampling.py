@@ -50,34 +50,105 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert kept(1.0) == [0, 1, 2, 3]
 
 
-def test_temperature_sampling_matches_softmax() -> None:
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _nucleus(probs: np.ndarray, top_p: float) -> set[int]:
+    """Independent reference: the most likely tokens, in order, until their mass reaches top_p."""
+    kept: set[int] = set()
+    mass = 0.0
+    for token in sorted(range(len(probs)), key=lambda i: (-probs[i], i)):
+        if mass >= top_p:
+            break
+        kept.add(token)
+        mass += probs[token]
+    return kept
+
+
+def _binomial_tolerance(expected: np.ndarray, draws: int) -> np.ndarray:
+    """Five standard deviations of each empirical frequency (false alarm ~ 1e-6 per token)."""
+    return 5 * np.sqrt(expected * (1 - expected) / draws) + 1 / draws
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_matches_softmax(temperature: float) -> None:
     logits = np.array([1.0, 0.0, -1.0, 2.0, 0.5])
     rng = np.random.default_rng(3)
-    draws = np.array([sample_token(logits, 0.7, 1.0, rng) for _ in range(20000)])
-    expected = np.exp(logits / 0.7) / np.exp(logits / 0.7).sum()
-    observed = np.bincount(draws, minlength=5) / draws.size
-    np.testing.assert_allclose(observed, expected, atol=0.015)
+    n = 20000
+    draws = np.array([sample_token(logits, temperature, 1.0, rng) for _ in range(n)])
+    expected = _softmax(logits / temperature)
+    observed = np.bincount(draws, minlength=5) / n
+    tolerance = _binomial_tolerance(expected, n)
+    assert np.all(np.abs(observed - expected) <= tolerance), (observed, expected)
+    # the tolerance is tight enough to tell the temperature apart (the check can fail)
+    other = _softmax(logits / (temperature * 1.5))
+    assert np.any(np.abs(observed - other) > tolerance)
 
 
-def test_top_p_sampling_stays_in_nucleus_and_renormalises() -> None:
-    probs = np.array([0.05, 0.5, 0.3, 0.15])
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 0.75), (2.0, 0.75), (0.8, 0.5), (1.0, 0.95)])
+def test_top_p_sampling_stays_in_nucleus_and_renormalises(temperature: float, top_p: float) -> None:
+    logits = np.log(np.array([0.05, 0.5, 0.3, 0.15]))
+    probs = _softmax(logits / temperature)
+    nucleus = _nucleus(probs, top_p)
+    assert 1 <= len(nucleus) < 4  # a real cut in every case
     rng = np.random.default_rng(5)
-    draws = np.array([sample_token(np.log(probs), 1.0, 0.75, rng) for _ in range(10000)])
-    assert set(draws.tolist()) == {1, 2}
-    assert (draws == 1).mean() == pytest.approx(0.5 / 0.8, abs=0.02)
+    n = 10000
+    draws = np.array([sample_token(logits, temperature, top_p, rng) for _ in range(n)])
+    assert set(draws.tolist()) == nucleus  # nothing outside the nucleus, everything inside it drawn
+    inside = np.array([i in nucleus for i in range(4)])
+    expected = np.where(inside, probs, 0.0) / probs[inside].sum()
+    observed = np.bincount(draws, minlength=4) / n
+    assert np.all(np.abs(observed - expected) <= _binomial_tolerance(expected, n)), (observed, expected)
 
 
-def test_seeded_generation_is_reproducible() -> None:
-    rng = np.random.default_rng(0)
-    table = rng.normal(size=(16, 32)).astype(np.float32)  # next logits depend on the last token
+def test_temperature_zero_is_argmax_and_draws_nothing() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        logits = rng.normal(0, 3, 40)
+        state = rng.bit_generator.state
+        for top_p in (0.1, 0.9, 1.0):
+            assert sample_token(logits, 0.0, top_p, rng) == int(np.argmax(logits))
+        assert rng.bit_generator.state == state  # greedy consumes no randomness
 
-    def run(seed: int) -> tuple[int, ...]:
-        config = SamplingConfig(temperature=1.0, top_p=0.9, seed=seed, max_new_tokens=12)
-        gen = TokenGenerator(table[0, :32], lambda t: table[int(t[0]) % 16], config)
-        return tuple(gen)
 
-    assert run(1) == run(1)
-    assert run(1) != run(2)
+TABLE = np.random.default_rng(0).normal(size=(16, 32)).astype(np.float32)
+"""Next-token logits as a function of the last token (mod 16): a non-degenerate toy model."""
+
+
+def _generate(seed: int, temperature: float = 1.0, top_p: float = 0.9, max_new_tokens: int = 12) -> tuple[int, ...]:
+    config = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed, max_new_tokens=max_new_tokens)
+    return tuple(TokenGenerator(TABLE[0], lambda t: TABLE[int(t[0]) % 16], config))
+
+
+def test_seeded_generation_is_reproducible_and_seed_dependent() -> None:
+    for seed in (0, 1, 7, 2**40):
+        assert _generate(seed) == _generate(seed)  # same seed, same tokens (fresh generators)
+    samples = {_generate(seed) for seed in range(20)}
+    assert len(samples) >= 15  # different seeds give different samples
+    greedy = _generate(0, temperature=0.0)
+    assert greedy not in samples  # sampling is not argmax decoding in disguise
+
+
+def test_first_tokens_across_seeds_follow_the_nucleus_distribution() -> None:
+    n = 4000
+    first = np.array([_generate(seed, max_new_tokens=1)[0] for seed in range(n)])
+    probs = _softmax(TABLE[0].astype(np.float64))
+    nucleus = _nucleus(probs, 0.9)
+    assert set(first.tolist()) <= nucleus
+    inside = np.array([i in nucleus for i in range(32)])
+    expected = np.where(inside, probs, 0.0) / probs[inside].sum()
+    observed = np.bincount(first, minlength=32) / n
+    assert np.all(np.abs(observed - expected) <= _binomial_tolerance(expected, n))
+
+
+def test_temperature_zero_generation_is_greedy_whatever_the_seed() -> None:
+    expected, token = [], int(np.argmax(TABLE[0]))
+    for _ in range(12):
+        expected.append(token)
+        token = int(np.argmax(TABLE[token % 16]))
+    assert _generate(1, temperature=0.0) == _generate(2, temperature=0.0) == tuple(expected)
 
 
 def test_stops_on_eos_and_yields_it() -> None:
