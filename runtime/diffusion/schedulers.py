@@ -268,6 +268,19 @@ class Scheduler(ABC):
         return self._step_index
 
 
+def _discrete_timesteps(schedule: NoiseSchedule, n: int) -> npt.NDArray[np.int64]:
+    """(n,) descending integer training timesteps for ``n`` inference steps, spaced as diffusers spaces
+    them (``linspace``, ``leading`` + steps_offset, or ``trailing``); DDIM and PNDM share this."""
+    train = schedule.num_train_timesteps
+    if not 1 <= n <= train:
+        raise ValueError(f"num_inference_steps must be in 1..{train}, got {n}")
+    if schedule.timestep_spacing == "linspace":
+        return np.linspace(0, train - 1, n).round()[::-1].astype(np.int64)
+    if schedule.timestep_spacing == "leading":
+        return (np.arange(0, n) * (train // n)).round()[::-1].astype(np.int64) + schedule.steps_offset
+    return np.round(np.arange(train, 0, -train / n)).astype(np.int64) - 1
+
+
 class DDIMScheduler(Scheduler):
     """Denoising diffusion implicit models (Song et al. 2020); deterministic at eta = 0."""
 
@@ -289,20 +302,8 @@ class DDIMScheduler(Scheduler):
         return 1.0
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        n, train = num_inference_steps, self.schedule.num_train_timesteps
-        if not 1 <= n <= train:
-            raise ValueError(f"num_inference_steps must be in 1..{train}, got {n}")
-        spacing = self.schedule.timestep_spacing
-        if spacing == "linspace":
-            steps = np.linspace(0, train - 1, n).round()[::-1].astype(np.int64)
-        elif spacing == "leading":
-            steps = (np.arange(0, n) * (train // n)).round()[::-1].astype(
-                np.int64
-            ) + self.schedule.steps_offset
-        else:
-            steps = np.round(np.arange(train, 0, -train / n)).astype(np.int64) - 1
-        self.timesteps = steps.copy()
-        self.num_inference_steps = n
+        self.timesteps = _discrete_timesteps(self.schedule, num_inference_steps)
+        self.num_inference_steps = num_inference_steps
 
     def step(
         self,
@@ -669,16 +670,7 @@ class PNDMScheduler(Scheduler):
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         n, train = num_inference_steps, self.schedule.num_train_timesteps
-        if not 1 <= n <= train:
-            raise ValueError(f"num_inference_steps must be in 1..{train}, got {n}")
-        spacing = self.schedule.timestep_spacing
-        if spacing == "linspace":
-            base = np.linspace(0, train - 1, n).round().astype(np.int64)
-        elif spacing == "leading":
-            base = (np.arange(0, n) * (train // n)).round().astype(np.int64) + self.schedule.steps_offset
-        else:
-            base = np.round(np.arange(train, 0, -train / n))[::-1].astype(np.int64) - 1
-        # base ascends
+        base = _discrete_timesteps(self.schedule, n)[::-1]  # ascending
         if self.skip_prk_steps:
             self.prk_timesteps = np.zeros(0, dtype=np.int64)
             plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
