@@ -107,8 +107,10 @@ class Call:
 
 _DEADLINE_SLACK_S = 0.25
 """How long after a deadline the server's own wait gives up if grpc has not cancelled the handler."""
-_DEADLINE_EPSILON_S = 0.01
-"""A cancellation this close before the deadline read at start counts as the deadline passing."""
+_DEADLINE_EPSILON_S = 0.05
+"""A cancellation this close before the deadline read at start counts as the deadline passing: the
+client's deadline starts when it creates the call, the server's when the call arrives, so the client
+gives up (and cancels) slightly before the server's deadline does."""
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,7 @@ class Servicer:
                 self._note_cancel(call, rpc, start)
             status = errors.status_for(exc, start.request_id)
             self._finish(rpc, call, status.code, start, status.message)
-            if start.expired():  # grpc has ended the call, or is about to: no status can be sent
+            if start.expired():  # grpc ends the call with DEADLINE_EXCEEDED (now, or has already)
                 raise asyncio.CancelledError() from None
             await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata)
             raise  # abort() raises; this line is never reached
@@ -432,8 +434,8 @@ class Servicer:
                 self._note_cancel(call, rpc, start)
             status = errors.status_for(exc, start.request_id)
             self._finish(rpc, call, status.code, start, status.message)
-            if start.expired():  # grpc has ended the call, or is about to: no status can be sent
-                return
+            if start.expired():  # grpc ends the call with DEADLINE_EXCEEDED (now, or has already)
+                raise asyncio.CancelledError() from None
             await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata)
             return
         self._finish(rpc, call, grpc.StatusCode.OK, start)
