@@ -25,7 +25,8 @@ from google.protobuf.message import DecodeError
 from runtime.server.config import LimitsConfig
 from runtime.server.protos import personalization_pb2 as ppb
 
-CHEAP_RPCS = frozenset({"RecordInteraction", "UpsertItem", "GetItem", "ListItems", "DeleteItem"})
+CHEAP_RPCS = frozenset({"RecordInteraction", "UpsertItem", "GetItem", "ListItems", "DeleteItem",
+                        "DeleteInteraction", "ForgetUser"})
 """RPCs that do no model work: bounded by ``max_inflight_cheap``, never by ``max_inflight``."""
 
 _MAX_SAMPLING_BEAMS = 16

@@ -177,15 +177,16 @@ class ServerConfig:
     max_inflight: int = field(
         default=32,
         metadata=_help(
-            "model requests (every Personalization RPC but RecordInteraction) admitted at once; more get "
-            "RESOURCE_EXHAUSTED immediately"
+            "model requests (Recommend, Search, PredictPreference, Explain, SelectItems, GenerateImage) "
+            "admitted at once; more get RESOURCE_EXHAUSTED immediately"
         ),
     )
     max_inflight_cheap: int = field(
         default=256,
         metadata=_help(
-            "catalog and interaction requests (GetItem, ListItems, UpsertItem, DeleteItem, RecordInteraction) "
-            "in flight at once; they never take a model slot; more get RESOURCE_EXHAUSTED immediately"
+            "catalog and interaction-store requests (GetItem, ListItems, UpsertItem, DeleteItem, "
+            "RecordInteraction, ...) in flight at once; they never take a model slot; more get "
+            "RESOURCE_EXHAUSTED immediately"
         ),
     )
     max_inflight_cost: int = field(

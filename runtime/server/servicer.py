@@ -2,9 +2,12 @@
 
 Every RPC follows one path:
 
+0. **start**: read the request id, peer, metadata and deadline from the servicer context once
+   (``CallStart``); nothing later touches the context after the call may have been cancelled;
 1. **admission** on the event loop: refuse with UNAVAILABLE while the engine loads or the server
-   drains, with RESOURCE_EXHAUSTED when ``max_inflight`` requests already hold the engine; otherwise
-   take a slot, create the request's ``CancelToken`` (with the RPC deadline) and its request id;
+   drains, with RESOURCE_EXHAUSTED when the call's bound is reached (``admission``: model slots and
+   their decode-cost budget, or the separate bound of cheap catalog / interaction RPCs); otherwise
+   take a slot, create the request's ``CancelToken`` (with the RPC deadline);
 2. **work** in a worker thread: parse the raw bytes, validate and convert them (``convert``), read
    stored history (``store``), call the synchronous engine, convert the result back. Streaming RPCs
    run the engine's iterator in the thread and hand messages to the event loop through a queue;
