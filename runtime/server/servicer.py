@@ -347,12 +347,20 @@ class Servicer:
     # Deadlines are left to grpc, which cancels the handler when they pass; the server's own wait only
     # backs that up, _DEADLINE_SLACK_S later, and then ends the call without touching the context either.
 
+    @staticmethod
+    async def _send_request_id(context: grpc.aio.ServicerContext, start: CallStart) -> None:
+        """Initial metadata; a call that ended before it could be sent is treated as cancelled."""
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, start.request_id),))
+        except Exception as exc:  # the call is gone: the cancellation branch must not touch the context
+            raise asyncio.CancelledError() from exc
+
     async def _serve_unary(self, rpc: str, impl: Work, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         start = self._call_start(context)
         logs.request_id.set(start.request_id)
         call: Call | None = None
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, start.request_id),))
+            await self._send_request_id(context, start)
             call = self._admit(rpc, raw, start)
             admitted = call
             future = self._submit(call, lambda: impl(admitted))
@@ -410,7 +418,7 @@ class Servicer:
                     close()
 
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, start.request_id),))
+            await self._send_request_id(context, start)
             call = self._admit(rpc, raw, start)
             admitted = call
             self._submit(call, lambda: produce(admitted))
