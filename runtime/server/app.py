@@ -7,7 +7,8 @@ Lifecycle: ``start()`` binds nothing new (the port is bound by ``create_server``
 with health NOT_SERVING, loads the engine in a worker thread, replays persisted catalog edits into
 it, then flips health to SERVING. ``stop(grace)`` flips health to NOT_SERVING, refuses new RPCs with
 UNAVAILABLE, lets in-flight RPCs finish for ``grace`` seconds, cancels the rest (their CancelTokens
-are set), then closes the engine (if this server opened it) and the store.
+are set), waits for their engine calls to stop, then closes the engine (if this server opened it, and
+never while a call still runs in it) and the store.
 
 Call ``create_server`` from a coroutine running on the event loop that will serve (grpc.aio binds
 the server to it); ``ServerThread`` does that on a background thread for synchronous code.
