@@ -27,3 +27,13 @@ def tiny_reference(tiny_artifacts: Path):  # type: ignore[no-untyped-def]
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     return load_checkpoint(tiny_artifacts / "checkpoint")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts_with_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo exported once with its diffusion graphs (GenerateImage works on it)."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo_diffusion")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=True)
+    return out

@@ -7,7 +7,8 @@ Lifecycle: ``start()`` binds nothing new (the port is bound by ``create_server``
 with health NOT_SERVING, loads the engine in a worker thread, replays persisted catalog edits into
 it, then flips health to SERVING. ``stop(grace)`` flips health to NOT_SERVING, refuses new RPCs with
 UNAVAILABLE, lets in-flight RPCs finish for ``grace`` seconds, cancels the rest (their CancelTokens
-are set), then closes the engine (if this server opened it) and the store.
+are set), waits for their engine calls to stop, then closes the engine (if this server opened it, and
+never while a call still runs in it) and the store.
 
 Call ``create_server`` from a coroutine running on the event loop that will serve (grpc.aio binds
 the server to it); ``ServerThread`` does that on a background thread for synchronous code.
@@ -39,6 +40,9 @@ from runtime.server.tls import server_credentials
 
 logger = logging.getLogger(__name__)
 
+_CANCEL_WAIT_S = 5.0
+"""Extra seconds stop() waits, after grace, for cancelled engine calls to reach a step boundary."""
+
 SERVICE_NAMES = (PERSONALIZATION.full_name, CATALOG.full_name)
 """Services whose health follows the engine ("" is the whole server)."""
 
@@ -67,7 +71,7 @@ class UnimpServer:
         self.metrics = ServerMetrics()
         self.store = StateStore(config.state_dir)
         self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_inflight + 2, thread_name_prefix="unimp-worker"
+            max_workers=config.max_inflight + config.max_inflight_cheap + 2, thread_name_prefix="unimp-worker"
         )
         authenticator = Authenticator(config.auth)
         self.servicer = Servicer(config, self.metrics, self.store, authenticator, self.executor)
@@ -169,11 +173,13 @@ class UnimpServer:
         await self.grpc.stop(grace)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        if not await self.servicer.wait_idle(timeout=max(grace, 1.0)):
-            logger.warning("%d engine call(s) still running after cancellation", self.servicer.inflight)
+        idle = await self.servicer.wait_idle(timeout=max(grace, 1.0) + _CANCEL_WAIT_S)
+        if not idle:
+            logger.warning("%d engine call(s) still running after cancellation; leaving the engine open",
+                           self.servicer.inflight)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.stop_http()
-        if self._owns_engine and self._engine is not None:
+        if idle and self._owns_engine and self._engine is not None:  # never close it under a running call
             await asyncio.get_running_loop().run_in_executor(None, self._engine.close)
         self.store.close()
         if not self.loaded.done():

@@ -141,7 +141,26 @@ class ServerConfig:
     )
     max_inflight: int = field(
         default=32,
-        metadata=_help("requests admitted to the engine at once; more get RESOURCE_EXHAUSTED immediately"),
+        metadata=_help(
+            "model requests (Recommend, Search, PredictPreference, Explain, SelectItems, GenerateImage) "
+            "admitted at once; more get RESOURCE_EXHAUSTED immediately"
+        ),
+    )
+    max_inflight_cheap: int = field(
+        default=256,
+        metadata=_help(
+            "catalog and interaction-store requests (GetItem, ListItems, UpsertItem, DeleteItem, "
+            "RecordInteraction, ...) in flight at once; they never take a model slot; more get "
+            "RESOURCE_EXHAUSTED immediately"
+        ),
+    )
+    max_inflight_cost: int = field(
+        default=16384,
+        metadata=_help(
+            "budget of model work in flight, in decode row-steps: Explain holds num_beams x max_new_tokens, "
+            "Recommend/Search in beam mode num_beams x max_new_tokens, GenerateImage its steps, other RPCs 1; "
+            "a request that does not fit gets RESOURCE_EXHAUSTED, unless no other model request runs"
+        ),
     )
     history_limit: int = field(
         default=50, metadata=_help("most recent stored interactions used when a request names a user_id")
@@ -167,6 +186,10 @@ class ServerConfig:
             raise ConfigError("host: must not be empty (use 0.0.0.0 for all IPv4 interfaces)")
         if self.max_inflight < 1:
             raise ConfigError(f"max_inflight: must be >= 1, got {self.max_inflight}")
+        if self.max_inflight_cheap < 1:
+            raise ConfigError(f"max_inflight_cheap: must be >= 1, got {self.max_inflight_cheap}")
+        if self.max_inflight_cost < 1:
+            raise ConfigError(f"max_inflight_cost: must be >= 1, got {self.max_inflight_cost}")
         if self.history_limit < 1:
             raise ConfigError(f"history_limit: must be >= 1, got {self.history_limit}")
         if not math.isfinite(self.shutdown_grace_s) or self.shutdown_grace_s < 0:

@@ -2,7 +2,8 @@
 
 Per RPC: request counts by status code, latency, time to first token and decode speed (from the
 engine's Timings, or measured on the Explain stream), cancellations by reason (client, deadline) and
-rejections by reason (overload, loading, shutdown). Engine state (queue depth, KV cache and prefix
+rejections by reason (overload: model slots full, overload_cheap: cheap-RPC slots full, cost: decode
+budget full, loading, failed, shutdown); requests and decode budget in flight. Engine state (queue depth, KV cache and prefix
 cache bytes, prefix-cache hits, misses and hit ratio) is read from ``engine.stats()`` at scrape time.
 
 Each server has its own registry, so several servers can live in one process (tests).
@@ -81,8 +82,12 @@ class ServerMetrics:
             "Time per pipeline stage: vision, prefill, decode (text tasks); prompt, text_encoder, unet_per_step, "
             "vae_decoder (image generation)",
             ["rpc", "stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.inflight = Gauge("unimp_inflight_requests", "Requests admitted to the engine and not yet finished",
+        self.inflight = Gauge("unimp_inflight_requests", "Model requests admitted to the engine and not yet finished",
                               registry=r)
+        self.inflight_cheap = Gauge("unimp_inflight_cheap_requests",
+                                    "Catalog and interaction requests admitted and not yet finished", registry=r)
+        self.inflight_cost = Gauge("unimp_inflight_cost", "Decode row-steps held by admitted model requests "
+                                   "(the max_inflight_cost budget in use)", registry=r)
         self.cancelled = Counter("unimp_cancelled_requests", "Requests whose engine work was cancelled",
                                  ["rpc", "reason"], registry=r)
         self.rejected = Counter("unimp_rejected_requests", "Requests refused before reaching the engine",

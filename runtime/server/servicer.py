@@ -2,9 +2,12 @@
 
 Every RPC follows one path:
 
+0. **start**: read the request id, peer, metadata and deadline from the servicer context once
+   (``CallStart``); nothing later touches the context after the call may have been cancelled;
 1. **admission** on the event loop: refuse with UNAVAILABLE while the engine loads or the server
-   drains, with RESOURCE_EXHAUSTED when ``max_inflight`` requests already hold the engine; otherwise
-   take a slot, create the request's ``CancelToken`` (with the RPC deadline) and its request id;
+   drains, with RESOURCE_EXHAUSTED when the call's bound is reached (``admission``: model slots and
+   their decode-cost budget, or the separate bound of cheap catalog / interaction RPCs); otherwise
+   take a slot, create the request's ``CancelToken`` (with the RPC deadline);
 2. **work** in a worker thread: parse the raw bytes, validate and convert them (``convert``), read
    stored history (``store``), call the synchronous engine, convert the result back. Streaming RPCs
    run the engine's iterator in the thread and hand messages to the event loop through a queue;
@@ -40,6 +43,7 @@ from google.protobuf.message import Message
 from runtime.api import CatalogItem, Engine, ImageResult
 from runtime.prompts import check_history_item
 from runtime.server import convert, errors, logs
+from runtime.server.admission import CHEAP_RPCS, Admission, request_cost
 from runtime.server.auth import Authenticator, Principal
 from runtime.server.config import ServerConfig
 from runtime.server.metrics import ServerMetrics
@@ -94,6 +98,8 @@ class Call:
     """Image generation's per-component seconds (prompt, text_encoder, unet_per_step, vae_decoder)."""
     stored_history: int = 0
     """Stored interactions at the start of the engine's history (maps its indices to request paths)."""
+    cost: int = 0
+    """Admission cost held while the call runs (``admission.request_cost``; 0 for cheap RPCs)."""
 
     @property
     def tenant(self) -> str:
@@ -103,6 +109,35 @@ class Call:
         self.pieces += 1
         if self.first_token is None:
             self.first_token = time.perf_counter()
+
+
+_DEADLINE_SLACK_S = 0.25
+"""How long after a deadline the server's own wait gives up if grpc has not cancelled the handler."""
+_DEADLINE_EPSILON_S = 0.05
+"""A cancellation this close before the deadline read at start counts as the deadline passing: the
+client's deadline starts when it creates the call, the server's when the call arrives, so the client
+gives up (and cancels) slightly before the server's deadline does."""
+
+
+@dataclass(frozen=True)
+class CallStart:
+    """What an RPC needs from its servicer context, read once when the handler starts."""
+
+    request_id: str
+    peer: str
+    metadata: tuple[tuple[str, str | bytes], ...]
+    deadline: float | None
+    """time.monotonic() at which the client's deadline passes; None without a deadline."""
+    started: float = field(default_factory=time.perf_counter)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline - _DEADLINE_EPSILON_S
+
+    def wait_timeout(self) -> float | None:
+        """Seconds the handler may wait for its worker before giving up on the deadline itself."""
+        if self.deadline is None:
+            return None
+        return max(0.0, self.deadline - time.monotonic()) + _DEADLINE_SLACK_S
 
 
 Work = Callable[[Call], Any]
@@ -131,7 +166,7 @@ class Servicer:
         self.engine: Engine | None = None
         self.state = ServingState.LOADING
         self.load_error = ""
-        self.inflight = 0
+        self.admission = Admission(config.max_inflight, config.max_inflight_cheap, config.max_inflight_cost)
         self._catalog_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._idle = asyncio.Event()
@@ -193,7 +228,12 @@ class Servicer:
 
     # -- admission -----------------------------------------------------------------------------------
 
-    def _admit(self, rpc: str, raw: bytes, context: grpc.aio.ServicerContext, request_id: str) -> Call:
+    @property
+    def inflight(self) -> int:
+        """Admitted RPCs whose worker thread has not finished (model and cheap ones)."""
+        return self.admission.inflight + self.admission.inflight_cheap
+
+    def _admit(self, rpc: str, raw: bytes, start: CallStart) -> Call:
         if self.state is ServingState.DRAINING:
             self.metrics.rejected.labels(rpc, "shutdown").inc()
             raise Unavailable("the server is shutting down; retry on another instance")
@@ -203,35 +243,42 @@ class Servicer:
         if self.state is ServingState.FAILED:
             self.metrics.rejected.labels(rpc, "failed").inc()
             raise Unavailable(f"the model failed to load: {self.load_error}")
-        if self.inflight >= self.config.max_inflight:
-            self.metrics.rejected.labels(rpc, "overload").inc()
-            raise Overloaded(
-                f"the server is at its limit of {self.config.max_inflight} requests in flight; retry with backoff"
-            )
-        principal = self.auth.principal(context.invocation_metadata())
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        self.inflight += 1
+        cost = 0 if rpc in CHEAP_RPCS else request_cost(rpc, raw, self.limits)
+        refused = self.admission.refusal(rpc, cost)
+        if refused is not None:
+            reason, message = refused
+            self.metrics.rejected.labels(rpc, reason).inc()
+            raise Overloaded(message)
+        principal = self.auth.principal(start.metadata)
+        self.admission.take(rpc, cost)
         self._idle.clear()
-        self.metrics.inflight.inc()
-        return Call(rpc=rpc, raw=raw, principal=principal, cancel=CancelToken(deadline=deadline),
-                    request_id=request_id)
+        if rpc in CHEAP_RPCS:
+            self.metrics.inflight_cheap.inc()
+        else:
+            self.metrics.inflight.inc()
+            self.metrics.inflight_cost.inc(cost)
+        return Call(rpc=rpc, raw=raw, principal=principal, cancel=CancelToken(deadline=start.deadline),
+                    request_id=start.request_id, cost=cost)
 
-    def _release(self) -> None:
-        self.inflight -= 1
-        self.metrics.inflight.dec()
-        if self.inflight == 0:
+    def _release(self, call: Call) -> None:
+        self.admission.give_back(call.rpc, call.cost)
+        if call.rpc in CHEAP_RPCS:
+            self.metrics.inflight_cheap.dec()
+        else:
+            self.metrics.inflight.dec()
+            self.metrics.inflight_cost.dec(call.cost)
+        if self.admission.idle:
             self._idle.set()
 
-    def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
-        """Run fn in a worker thread with the current context; the slot is released when it ends."""
+    def _submit(self, call: Call, fn: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        """Run fn in a worker thread with the current context; the call's slot is released when it ends."""
         loop = asyncio.get_running_loop()
         ctx = contextvars.copy_context()
         future = self.executor.submit(ctx.run, fn)
 
         def done(_: concurrent.futures.Future[Any]) -> None:
             try:
-                loop.call_soon_threadsafe(self._release)
+                loop.call_soon_threadsafe(self._release, call)
             except RuntimeError:  # loop already closed at shutdown
                 pass
 
@@ -239,23 +286,34 @@ class Servicer:
         return future
 
     @staticmethod
-    def _request_id(context: grpc.aio.ServicerContext) -> str:
-        for key, value in context.invocation_metadata() or ():
+    def _call_start(context: grpc.aio.ServicerContext) -> CallStart:
+        """Everything later steps need from the context, read while the call is certainly alive."""
+        metadata = tuple(context.invocation_metadata() or ())
+        request_id = ""
+        for key, value in metadata:
             if key == REQUEST_ID_KEY and isinstance(value, str) and _REQUEST_ID_RE.match(value):
-                return value
-        return uuid.uuid4().hex[:16]
-
-    def _note_cancel(self, call: Call | None, rpc: str, context: grpc.aio.ServicerContext) -> str:
+                request_id = value
+                break
         remaining = context.time_remaining()
-        reason = "deadline" if remaining is not None and remaining <= 0 else "client"
+        return CallStart(
+            request_id=request_id or uuid.uuid4().hex[:16],
+            peer=context.peer(),
+            metadata=metadata,
+            deadline=time.monotonic() + remaining if remaining is not None else None,
+        )
+
+    def _note_cancel(self, call: Call | None, rpc: str, start: CallStart) -> str:
+        """Cancel the call's engine work; the reason (deadline or client) comes from the deadline read at start."""
+        reason = "deadline" if start.expired() else "client"
         if call is not None:
             call.cancel.cancel()
             self.metrics.cancelled.labels(rpc, reason).inc()
         return reason
 
-    def _finish(self, rpc: str, call: Call | None, code: grpc.StatusCode, started: float,
-                context: grpc.aio.ServicerContext, message: str = "") -> None:
-        elapsed = time.perf_counter() - started
+    def _finish(self, rpc: str, call: Call | None, code: grpc.StatusCode, start: CallStart,
+                message: str = "") -> None:
+        """Metrics and the access log line. Never touches the servicer context: it may be gone."""
+        elapsed = time.perf_counter() - start.started
         self.metrics.requests.labels(rpc, code.name).inc()
         self.metrics.latency.labels(rpc).observe(elapsed)
         if call is not None and code is grpc.StatusCode.OK:
@@ -276,7 +334,7 @@ class Servicer:
                 span = time.perf_counter() - call.first_token
                 if span > 0:
                     self.metrics.tokens_per_second.labels(rpc).observe((call.pieces - 1) / span)
-        extra = {"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1000, 3), "peer": context.peer()}
+        extra = {"rpc": rpc, "code": code.name, "duration_ms": round(elapsed * 1000, 3), "peer": start.peer}
         if call is not None:
             extra["tenant"] = call.tenant
         if message:
@@ -285,43 +343,58 @@ class Servicer:
         logger.log(level, "%s %s", rpc, code.name, extra=extra)
 
     # -- serving -------------------------------------------------------------------------------------
+    #
+    # The servicer context is read once, in _call_start, and used afterwards only while the call is known
+    # to be alive (send_initial_metadata before any work, abort for an error status). After the handler
+    # is cancelled (client cancel, deadline, server stop) or the stream generator is closed, grpc.aio may
+    # already have torn the call down: touching the context then (peer(), time_remaining(), abort()) is a
+    # use-after-free in grpc's C core, so the cancellation branches use only what _call_start read.
+    # Deadlines are left to grpc, which cancels the handler when they pass; the server's own wait only
+    # backs that up, _DEADLINE_SLACK_S later, and then ends the call without touching the context either.
+
+    @staticmethod
+    async def _send_request_id(context: grpc.aio.ServicerContext, start: CallStart) -> None:
+        """Initial metadata; a call that ended before it could be sent is treated as cancelled."""
+        try:
+            await context.send_initial_metadata(((REQUEST_ID_KEY, start.request_id),))
+        except Exception as exc:  # the call is gone: the cancellation branch must not touch the context
+            raise asyncio.CancelledError() from exc
 
     async def _serve_unary(self, rpc: str, impl: Work, raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        started = time.perf_counter()
-        request_id = self._request_id(context)
-        logs.request_id.set(request_id)
+        start = self._call_start(context)
+        logs.request_id.set(start.request_id)
         call: Call | None = None
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-            call = self._admit(rpc, raw, context, request_id)
+            await self._send_request_id(context, start)
+            call = self._admit(rpc, raw, start)
             admitted = call
-            future = self._submit(lambda: impl(admitted))
-            remaining = context.time_remaining()
+            future = self._submit(call, lambda: impl(admitted))
             try:
-                result: Message = await asyncio.wait_for(asyncio.wrap_future(future), remaining)
+                result: Message = await asyncio.wait_for(asyncio.wrap_future(future), start.wait_timeout())
             except TimeoutError:
                 raise DeadlineExceeded("the deadline passed before the engine finished") from None
-            self._finish(rpc, call, grpc.StatusCode.OK, started, context)
+            self._finish(rpc, call, grpc.StatusCode.OK, start)
             return result
         except asyncio.CancelledError:
-            reason = self._note_cancel(call, rpc, context)
+            reason = self._note_cancel(call, rpc, start)
             code = grpc.StatusCode.DEADLINE_EXCEEDED if reason == "deadline" else grpc.StatusCode.CANCELLED
-            self._finish(rpc, call, code, started, context)
+            self._finish(rpc, call, code, start)
             raise
         except Exception as exc:
             if isinstance(exc, DeadlineExceeded):
-                self._note_cancel(call, rpc, context)
-            status = errors.status_for(exc, request_id)
-            self._finish(rpc, call, status.code, started, context, status.message)
+                self._note_cancel(call, rpc, start)
+            status = errors.status_for(exc, start.request_id)
+            self._finish(rpc, call, status.code, start, status.message)
+            if start.expired():  # grpc ends the call with DEADLINE_EXCEEDED (now, or has already)
+                raise asyncio.CancelledError() from None
             await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata)
             raise  # abort() raises; this line is never reached
 
     async def _serve_stream(
         self, rpc: str, impl: Work, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[Message]:
-        started = time.perf_counter()
-        request_id = self._request_id(context)
-        logs.request_id.set(request_id)
+        start = self._call_start(context)
+        logs.request_id.set(start.request_id)
         call: Call | None = None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -337,9 +410,9 @@ class Servicer:
             try:
                 messages = impl(admitted)
                 for message in messages:
-                    post(_ITEM, message)
                     if admitted.cancel.cancelled:
                         break
+                    post(_ITEM, message)
                 else:
                     post(_END, None)
             except BaseException as exc:
@@ -350,14 +423,13 @@ class Servicer:
                     close()
 
         try:
-            await context.send_initial_metadata(((REQUEST_ID_KEY, request_id),))
-            call = self._admit(rpc, raw, context, request_id)
+            await self._send_request_id(context, start)
+            call = self._admit(rpc, raw, start)
             admitted = call
-            self._submit(lambda: produce(admitted))
+            self._submit(call, lambda: produce(admitted))
             while True:
-                remaining = context.time_remaining()
                 try:
-                    kind, payload = await asyncio.wait_for(queue.get(), remaining)
+                    kind, payload = await asyncio.wait_for(queue.get(), start.wait_timeout())
                 except TimeoutError:
                     raise DeadlineExceeded("the deadline passed before the stream finished") from None
                 if kind == _ITEM:
@@ -367,20 +439,22 @@ class Servicer:
                 else:
                     break
         except (asyncio.CancelledError, GeneratorExit):
-            reason = self._note_cancel(call, rpc, context)
+            reason = self._note_cancel(call, rpc, start)
             code = grpc.StatusCode.DEADLINE_EXCEEDED if reason == "deadline" else grpc.StatusCode.CANCELLED
-            self._finish(rpc, call, code, started, context)
+            self._finish(rpc, call, code, start)
             raise
         except Exception as exc:
             if call is not None:
                 call.cancel.cancel()
             if isinstance(exc, DeadlineExceeded):
-                self._note_cancel(call, rpc, context)
-            status = errors.status_for(exc, request_id)
-            self._finish(rpc, call, status.code, started, context, status.message)
+                self._note_cancel(call, rpc, start)
+            status = errors.status_for(exc, start.request_id)
+            self._finish(rpc, call, status.code, start, status.message)
+            if start.expired():  # grpc ends the call with DEADLINE_EXCEEDED (now, or has already)
+                raise asyncio.CancelledError() from None
             await context.abort(status.code, status.message, trailing_metadata=status.trailing_metadata)
             return
-        self._finish(rpc, call, grpc.StatusCode.OK, started, context)
+        self._finish(rpc, call, grpc.StatusCode.OK, start)
 
     # -- helpers for the worker threads ------------------------------------------------------------
 

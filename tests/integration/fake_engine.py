@@ -2,8 +2,9 @@
 
 Scores come from a hash of (history ids, item id), so answers are stable across runs. Knobs make
 the engine slow (``step_delay``), block until released (``gate``), or fail the next call
-(``fail_next``); counters record what happened (``calls``, ``cancelled``, ``finished``), which is how
-tests observe that a cancelled RPC really stopped the engine's work.
+(``fail_next``); counters record what happened (``calls``, ``cancelled``, ``finished``, ``steps_done``:
+work steps, text pieces and denoising steps performed), which is how tests observe that a cancelled RPC
+really stopped the engine's work.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class FakeEngine:
         self.calls: dict[str, int] = {}
         self.cancelled: dict[str, int] = {}
         self.finished: dict[str, int] = {}
+        self.steps_done: dict[str, int] = {}
         self.last_request: object = None
         self.closed = False
         self.prefixes: dict[tuple[str, str], int] = {}
@@ -194,6 +196,7 @@ class FakeEngine:
             self._check(name, cancel)
             if self.step_delay:
                 time.sleep(self.step_delay)
+            self._count(self.steps_done, name)
         self._check(name, cancel)
 
     @staticmethod
@@ -266,6 +269,7 @@ class FakeEngine:
                     time.sleep(self.step_delay)
                 piece = word if i == 0 else " " + word
                 pieces.append(piece)
+                self._count(self.steps_done, "explain")
                 yield TextPiece(piece)
         except GeneratorExit:
             self._count(self.cancelled, "explain")
@@ -296,6 +300,7 @@ class FakeEngine:
                 self._check("generate_image", cancel)
                 if self.step_delay:
                     time.sleep(self.step_delay)
+                self._count(self.steps_done, "generate_image")
                 yield ImageProgress(step=step, total=request.steps)
         except GeneratorExit:
             self._count(self.cancelled, "generate_image")

@@ -32,8 +32,8 @@ from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import catalog_pb2_grpc as cpb_grpc
 from runtime.server.protos import personalization_pb2 as ppb
 from runtime.server.protos import personalization_pb2_grpc as ppb_grpc
-from runtime.types import HistoryItem, ItemMeta, Overloaded, PreferenceResult, TextPiece
-from tests.integration.fake_engine import FakeEngine, tiny_png
+from runtime.types import HistoryItem, ItemMeta, Overloaded, PreferenceRequest, PreferenceResult, TextPiece
+from tests.integration.fake_engine import EXPLANATION, FakeEngine, tiny_png
 
 # Images over the pixel limit are rejected by the server; Pillow's warning about them is expected.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -443,6 +443,19 @@ def test_message_size_limit(tmp_path: Path) -> None:
 # -- cancellation, deadlines, overload -----------------------------------------------------------
 
 
+def assert_work_stopped(engine: FakeEngine, name: str, total_steps: int, step_delay: float) -> None:
+    """The engine's cancel token was set and no step ran after it; the work did not reach its end."""
+    request = engine.last_request
+    cancel = getattr(request, "cancel", None)
+    assert cancel is not None and (cancel.cancelled or (cancel.deadline is not None
+                                                         and time.monotonic() > cancel.deadline))
+    done = engine.steps_done.get(name, 0)
+    time.sleep(4 * step_delay)  # a still-running loop would have done more steps by now
+    assert engine.steps_done.get(name, 0) == done
+    assert done < total_steps, (done, total_steps)
+    assert engine.finished.get(name, 0) == 0
+
+
 def test_client_cancel_mid_stream_stops_engine(server: ServerThread, client: UnimpClient, engine: FakeEngine) -> None:
     engine.step_delay = 0.05
     events = client.explain("sku-0003", ["sku-0001"])
@@ -450,7 +463,9 @@ def test_client_cancel_mid_stream_stops_engine(server: ServerThread, client: Uni
     assert isinstance(first, TextPiece)
     events.close()  # leaves the stream early: the client cancels the RPC
     assert wait_until(lambda: engine.cancelled.get("explain", 0) == 1)
-    assert engine.finished.get("explain", 0) == 0
+    request = engine.last_request
+    assert isinstance(request, PreferenceRequest) and request.cancel.cancelled  # the server set the token
+    assert_work_stopped(engine, "explain", len(EXPLANATION), engine.step_delay)
     assert wait_until(lambda: server.server.metrics.value(
         "unimp_cancelled_requests_total", {"rpc": "Explain", "reason": "client"}) == 1)
     assert wait_until(lambda: server.server.servicer.inflight == 0)
@@ -461,9 +476,10 @@ def test_deadline_cancels_unary_work(server: ServerThread, stubs: Stubs, engine:
     expect_error(lambda: stubs.p.Recommend(ppb.RecommendRequest(history=ids("sku-0001")), timeout=0.25),
                  grpc.StatusCode.DEADLINE_EXCEEDED)
     assert wait_until(lambda: engine.cancelled.get("recommend", 0) == 1, timeout=10)
-    assert engine.finished.get("recommend", 0) == 0
+    assert_work_stopped(engine, "recommend", engine.steps, 0.05)
     assert wait_until(lambda: server.server.metrics.value(
         "unimp_cancelled_requests_total", {"rpc": "Recommend", "reason": "deadline"}) == 1)
+    assert wait_until(lambda: server.server.servicer.inflight == 0)
 
 
 def test_deadline_mid_stream_cancels_generation(server: ServerThread, stubs: Stubs, engine: FakeEngine) -> None:
@@ -478,7 +494,10 @@ def test_deadline_mid_stream_cancels_generation(server: ServerThread, stubs: Stu
     expect_error(consume, grpc.StatusCode.DEADLINE_EXCEEDED)
     assert 1 <= len(received) < 150
     assert wait_until(lambda: engine.cancelled.get("generate_image", 0) == 1)
-    assert engine.finished.get("generate_image", 0) == 0
+    assert_work_stopped(engine, "generate_image", 100, engine.step_delay)
+    assert wait_until(lambda: server.server.metrics.value(
+        "unimp_cancelled_requests_total", {"rpc": "GenerateImage", "reason": "deadline"}) == 1)
+    assert wait_until(lambda: server.server.servicer.inflight == 0)
 
 
 def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
@@ -498,6 +517,104 @@ def test_overload_is_resource_exhausted(tmp_path: Path) -> None:
         engine.gate.set()
         assert all(len(f.result(timeout=5).items) == 10 for f in futures)
         assert len(stubs.p.Recommend(request, timeout=5).items) == 10
+
+
+def test_cheap_rpcs_are_admitted_while_every_model_slot_is_held(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    with ServerThread(make_config(tmp_path, max_inflight=2), engine) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stubs = Stubs(channel)
+        request = ppb.RecommendRequest(history=ids("sku-0001"))
+        futures = [stubs.p.Recommend.future(request, timeout=10) for _ in range(2)]
+        assert engine.started.acquire(timeout=5) and engine.started.acquire(timeout=5)
+        expect_error(lambda: stubs.p.Recommend(request, timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        for _ in range(5):  # every cheap RPC, several times, with both model slots taken
+            assert stubs.c.GetItem(cpb.GetItemRequest(item_id="sku-0002"), timeout=5).item.item_id == "sku-0002"
+            assert len(stubs.c.ListItems(cpb.ListItemsRequest(page_size=3), timeout=5).items) == 3
+            stubs.c.UpsertItem(cpb.UpsertItemRequest(item_id="new-1"), timeout=5)
+            stubs.c.DeleteItem(cpb.DeleteItemRequest(item_id="new-1"), timeout=5)
+            stubs.p.RecordInteraction(ppb.RecordInteractionRequest(
+                user_id="alice", item=ppb.HistoryItem(item_id="sku-0003")), timeout=5)
+        assert server.server.metrics.value("unimp_rejected_requests_total",
+                                           {"rpc": "GetItem", "reason": "overload"}) == 0
+        assert server.server.servicer.admission.inflight == 2
+        engine.gate.set()
+        assert all(len(f.result(timeout=5).items) == 10 for f in futures)
+
+
+def test_cheap_rpcs_have_their_own_bound(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+    page = engine.catalog.page
+
+    def slow_page(size: int, token: str = "") -> Any:
+        entered.release()
+        release.wait(10)
+        return page(size, token)
+
+    engine.catalog.page = slow_page  # type: ignore[method-assign]
+    with ServerThread(make_config(tmp_path, max_inflight_cheap=1), engine) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stubs = Stubs(channel)
+        held = stubs.c.ListItems.future(cpb.ListItemsRequest(page_size=2), timeout=10)
+        assert entered.acquire(timeout=5)
+        err = expect_error(lambda: stubs.c.GetItem(cpb.GetItemRequest(item_id="sku-0002"), timeout=5),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "catalog and interaction requests" in err.details()
+        assert server.server.metrics.value("unimp_rejected_requests_total",
+                                           {"rpc": "GetItem", "reason": "overload_cheap"}) == 1
+        assert len(stubs.p.Recommend(ppb.RecommendRequest(history=ids("sku-0001")), timeout=5).items) == 10
+        release.set()
+        assert len(held.result(timeout=5).items) == 2
+        assert stubs.c.GetItem(cpb.GetItemRequest(item_id="sku-0002"), timeout=5).item.item_id == "sku-0002"
+
+
+def _explain(beams: int, tokens: int) -> ppb.ExplainRequest:
+    return ppb.ExplainRequest(history=[ppb.HistoryItem(item_id="sku-0001", rating=4)],
+                              target=ppb.HistoryItem(item_id="sku-0003"),
+                              sampling=ppb.SamplingOptions(num_beams=beams, max_new_tokens=tokens))
+
+
+def test_model_requests_hold_their_decode_cost(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    with ServerThread(make_config(tmp_path, max_inflight_cost=1000), engine) as server, \
+            grpc.insecure_channel(server.target) as channel:
+        stubs = Stubs(channel)
+        metrics = server.server.metrics
+        # alone, a request larger than the whole budget still runs (16 beams x 512 tokens = 8192)
+        big = stubs.p.Explain(_explain(16, 512), timeout=10)
+        assert engine.started.acquire(timeout=5)
+        assert metrics.value("unimp_inflight_cost") == 16 * 512
+        err = expect_error(lambda: stubs.p.Recommend(ppb.RecommendRequest(history=ids("sku-0001")), timeout=5),
+                           grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert "decode row-steps" in err.details()
+        engine.gate.set()
+        assert list(big)[-1].WhichOneof("event") == "result"
+        assert wait_until(lambda: metrics.value("unimp_inflight_cost") == 0)
+
+        engine.gate.clear()
+        held = stubs.p.Explain(_explain(2, 400), timeout=10)  # 800 of 1000
+        assert engine.started.acquire(timeout=5)
+        assert metrics.value("unimp_inflight_cost") == 800
+        expect_error(lambda: list(stubs.p.Explain(_explain(1, 300), timeout=5)), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert metrics.value("unimp_rejected_requests_total", {"rpc": "Explain", "reason": "cost"}) == 1
+        # a beam Recommend costs num_beams x max_new_tokens: 10 x 50 = 500 does not fit either
+        beam = ppb.RecommendRequest(history=ids("sku-0001"),
+                                    options=ppb.DecodeOptions(mode=ppb.DECODE_MODE_BEAM))
+        expect_error(lambda: stubs.p.Recommend(beam, timeout=5), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        # cheap model requests (cost 1) and non-model requests still run
+        small = stubs.p.Recommend.future(ppb.RecommendRequest(history=ids("sku-0001")), timeout=10)
+        assert engine.started.acquire(timeout=5)
+        assert metrics.value("unimp_inflight_cost") == 801
+        assert stubs.c.GetItem(cpb.GetItemRequest(item_id="sku-0002"), timeout=5).item.item_id == "sku-0002"
+        engine.gate.set()
+        assert len(small.result(timeout=5).items) == 10
+        assert list(held)[-1].WhichOneof("event") == "result"
+        assert wait_until(lambda: metrics.value("unimp_inflight_cost") == 0)
+        assert list(stubs.p.Explain(_explain(1, 300), timeout=5))[-1].WhichOneof("event") == "result"
 
 
 def test_engine_errors_map_to_status(tmp_path: Path) -> None:
