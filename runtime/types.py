@@ -158,6 +158,10 @@ class DecodeMode(str, Enum):
     (item spelling and EOS, unpenalised)."""
 
 
+SEARCH_BEAM_MAX_NEW_TOKENS = 20
+"""Search's default beam length (the reference's max_new_tokens for search; recommendation uses 50)."""
+
+
 @dataclass(frozen=True)
 class BeamOptions:
     num_beams: int = 10
@@ -200,7 +204,7 @@ class SearchRequest:
     top_k: int = 10
     mode: DecodeMode = DecodeMode.FAST
     filter: ItemFilter = field(default_factory=ItemFilter)
-    beam: BeamOptions = field(default_factory=lambda: BeamOptions(max_new_tokens=20))
+    beam: BeamOptions = field(default_factory=lambda: BeamOptions(max_new_tokens=SEARCH_BEAM_MAX_NEW_TOKENS))
     tenant: str = ""
     user_id: str = ""
     """The user whose stored history the request carries ("" for none): tags the prefix-cache entries it

@@ -22,17 +22,19 @@ from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
 
+from runtime.api import ImageRequest
 from runtime.server.config import LimitsConfig
 from runtime.server.protos import personalization_pb2 as ppb
+from runtime.types import SEARCH_BEAM_MAX_NEW_TOKENS, BeamOptions, SamplingOptions
 
 CHEAP_RPCS = frozenset({"RecordInteraction", "UpsertItem", "GetItem", "ListItems", "DeleteItem",
                         "DeleteInteraction", "ForgetUser"})
 """RPCs that do no model work: bounded by ``max_inflight_cheap``, never by ``max_inflight``."""
 
-_MAX_SAMPLING_BEAMS = 16
-_DEFAULT_EXPLAIN_TOKENS = 64
-_DEFAULT_BEAM_TOKENS = {"Recommend": 50, "Search": 20}
-_DEFAULT_IMAGE_STEPS = 20
+# The defaults a request runs with when it leaves a field 0 (the engine's own request defaults).
+_DEFAULT_EXPLAIN_TOKENS = SamplingOptions().max_new_tokens
+_DEFAULT_BEAM_TOKENS = {"Recommend": BeamOptions().max_new_tokens, "Search": SEARCH_BEAM_MAX_NEW_TOKENS}
+_DEFAULT_IMAGE_STEPS = int(ImageRequest.__dataclass_fields__["steps"].default)  # type: ignore[arg-type]
 
 
 def _clamp(value: int, default: int, limit: int) -> int:
@@ -45,7 +47,7 @@ def request_cost(rpc: str, raw: bytes, limits: LimitsConfig) -> int:
     try:
         if rpc == "Explain":
             explain = ppb.ExplainRequest.FromString(raw)
-            beams = _clamp(explain.sampling.num_beams, 1, _MAX_SAMPLING_BEAMS)
+            beams = _clamp(explain.sampling.num_beams, 1, limits.max_beams)
             return beams * _clamp(explain.sampling.max_new_tokens, _DEFAULT_EXPLAIN_TOKENS, limits.max_new_tokens)
         if rpc in _DEFAULT_BEAM_TOKENS:
             ranked = (ppb.RecommendRequest if rpc == "Recommend" else ppb.SearchRequest).FromString(raw)
@@ -53,7 +55,7 @@ def request_cost(rpc: str, raw: bytes, limits: LimitsConfig) -> int:
             if options.mode in (ppb.DECODE_MODE_UNSPECIFIED, ppb.DECODE_MODE_FAST):
                 return 1
             top_k = _clamp(options.top_k, 10, limits.max_top_k)
-            beams = _clamp(options.beam.num_beams, max(top_k, 10), max(limits.max_top_k, 10))
+            beams = _clamp(options.beam.num_beams, limits.default_num_beams(top_k), limits.max_beams)
             return beams * _clamp(options.beam.max_new_tokens, _DEFAULT_BEAM_TOKENS[rpc], limits.max_new_tokens)
         if rpc == "GenerateImage":
             image = ppb.GenerateImageRequest.FromString(raw)

@@ -32,6 +32,7 @@ from runtime.server.errors import with_field
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
 from runtime.types import (
+    SEARCH_BEAM_MAX_NEW_TOKENS,
     BeamOptions,
     CancelToken,
     DecodeMode,
@@ -354,7 +355,7 @@ def search_request(
     msg: ppb.SearchRequest, history: tuple[HistoryItem, ...], tenant: str, cancel: CancelToken,
     limits: LimitsConfig,
 ) -> SearchRequest:
-    d = decode_options(msg.options, 20, limits)
+    d = decode_options(msg.options, SEARCH_BEAM_MAX_NEW_TOKENS, limits)
     return SearchRequest(history=history, query=search_query(msg, limits), top_k=d.top_k, mode=d.mode,
                          filter=d.filter, beam=d.beam, tenant=tenant, cancel=cancel)
 

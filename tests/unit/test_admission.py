@@ -25,9 +25,9 @@ def test_ranking_costs_only_in_beam_mode() -> None:
     assert request_cost("Recommend", fast, LIMITS) == 1
     beam = ppb.RecommendRequest(options=ppb.DecodeOptions(mode=ppb.DECODE_MODE_BEAM, top_k=5))
     assert request_cost("Recommend", beam.SerializeToString(), LIMITS) == 10 * 50
-    search = ppb.SearchRequest(options=ppb.DecodeOptions(mode=ppb.DECODE_MODE_BEAM, top_k=20,
+    search = ppb.SearchRequest(options=ppb.DecodeOptions(mode=ppb.DECODE_MODE_BEAM, top_k=12,
                                                           beam=ppb.BeamOptions(max_new_tokens=8)))
-    assert request_cost("Search", search.SerializeToString(), LIMITS) == 20 * 8
+    assert request_cost("Search", search.SerializeToString(), LIMITS) == 12 * 8
 
 
 def test_image_costs_its_steps_and_garbage_costs_one() -> None:
