@@ -91,7 +91,9 @@ def _run(artifacts: Path, users: list[Any], config: EvalConfig, args: argparse.N
         records, seconds = evaluate(runtime, users, config, desc=desc)
         decoder = runtime.manifest.graphs["decoder"]
         meta = {"artifacts": str(artifacts), "model": runtime.manifest.model_name, "backend": args.provider,
-                "precision": decoder.precision, "seconds": seconds}
+                "precision": decoder.precision,
+                "precisions": {name: g.precision for name, g in runtime.manifest.graphs.items()},
+                "seconds": seconds}
         return meta, records, catalog_items(runtime)
     finally:
         runtime.close()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,31 @@ def test_guard_fails_on_a_perturbed_decoder(tiny_artifacts: Path, shop: Path, tm
     loose = ["--max-hr-diff", "1", "--min-overlap", "0", "--min-rating-agreement", "0", "--max-rmse-diff", "5",
              "--min-selection-agreement", "0"]
     assert main(["eval", str(bad), "--against", str(tiny_artifacts), "--data", str(shop), *FAST, *loose]) == 0
+
+
+def test_eval_never_imports_torch(tiny_artifacts: Path, shop: Path, tmp_path: Path) -> None:
+    code = f"""
+import sys
+from runtime.cli import main
+rc = main(["eval", {str(tiny_artifacts)!r}, "--data", {str(shop)!r}, "--quiet", "--threads", "1", "--limit", "1",
+           "--explain-tokens", "4"])
+bad = [m for m in ("torch", "transformers", "diffusers") if m in sys.modules]
+print("LOADED", bad)
+sys.exit(rc or (1 if bad else 0))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "LOADED []" in out.stdout
+
+
+def test_unknown_items_name_the_user_and_field(tiny_artifacts: Path, shop: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text((shop / "train.jsonl").read_text())
+    user = json.loads((shop / "test.jsonl").read_text().splitlines()[0])
+    user["history"][1]["item_id"] = "NOPE"
+    (data / "test.jsonl").write_text(json.dumps(user) + "\n")
+    assert main(["eval", str(tiny_artifacts), "--data", str(data), "--tasks", "recommend", *FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"user {user['user_id']}: history[1].item_id: 'NOPE' is not in the catalog" in err
