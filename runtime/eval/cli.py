@@ -39,10 +39,10 @@ def _flag(name: str) -> str:
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Run the served graphs on a split's held-out users and report the paper's metrics (recommendation "
-        "and search HR/NDCG/MRR@3,5,10, rating MAE/RMSE, explanation ROUGE-1/2/L and BLEU-1, selection "
-        "precision/recall/F1) beside random and popularity baselines, as a Markdown table on stdout and "
-        "optionally JSON. With --against REF, also run REF on the same users and exit 1 when the "
-        "difference passes a threshold."
+        "and search HR/NDCG/MRR@3,5,10, rating MAE/RMSE, explanation ROUGE-1/2/L F-measures, BLEU-1 with its brevity "
+        "penalty and plain unigram precision, selection precision/recall/F1) beside random and popularity "
+        "baselines, as a Markdown table on stdout and optionally JSON. With --against REF, also run REF on "
+        "the same users and exit 1 when a difference passes a threshold; exit 2 for bad usage."
     )
     parser.add_argument("artifacts", type=Path, help="artifacts directory (the output of `unimp export`)")
     parser.add_argument("--split", choices=SPLITS, default="test", help="users to evaluate (default: %(default)s)")
