@@ -1,4 +1,4 @@
-"""The ``unimp`` command: export, validate, serve, client, bench.
+"""The ``unimp`` command: export, validate, serve, client, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("client", help="call the server")
         add_client_arguments(p)
         p.set_defaults(func=run_client)
+
+    from runtime.eval.cli import add_eval_arguments, run_eval
+
+    p = sub.add_parser("eval", help="the paper's metrics on held-out users; --against REF: the accuracy guard")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval)
 
     try:
         from benchmarks.cli import add_bench_arguments, run_bench
