@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import BackendConfig
+from runtime.types import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,12 @@ class OrtSession:
         available = set(ort.get_available_providers())
         providers = [p for p in wanted if p in available]
         if wanted[0] not in available:
-            log.warning("%s requested but not available in this onnxruntime build; using %s", wanted[0], providers)
+            # never fall back to the CPU silently: a GPU deployment that runs on the CPU is a failure
+            raise Unavailable(
+                f"provider {config.provider!r} needs onnxruntime's {wanted[0]}, which this onnxruntime build "
+                f"({ort.__version__}, providers {sorted(available)}) lacks; install onnxruntime-gpu on a "
+                "CUDA machine, or use provider 'cpu'"
+            )
         options = ort.SessionOptions()
         options.intra_op_num_threads = config.intra_op_threads
         options.inter_op_num_threads = config.inter_op_threads
