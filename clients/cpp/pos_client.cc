@@ -1,10 +1,14 @@
 // pos_client: a point-of-sale client of the UniMP Edge gRPC API.
 //
-//   pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N] [--token T]
+//   pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N]
+//                        [--mode fast|beam|beam-constrained] [--token T]
 //                        [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]
+//   pos_client delete-interaction --target HOST:PORT --user U --interaction-id N [--token T] [TLS options]
+//   pos_client forget-user --target HOST:PORT --user U [--token T] [TLS options]
 //   pos_client health    --target HOST:PORT [--service NAME] [TLS options]
 //
-// recommend prints one line per item: rank, item id, score, title (tab-separated).
+// recommend prints one line per item: rank, item id, score, title (tab-separated); delete-interaction
+// prints the interactions still stored; forget-user prints the interactions and cached prefixes removed.
 // Exit status: 0 success, 1 RPC error (status code and message on stderr), 2 bad usage.
 #include <grpcpp/grpcpp.h>
 
@@ -33,14 +37,19 @@ struct Options {
   std::string user;
   std::vector<std::string> items;
   int top_k = 10;
+  unimp::v1::DecodeMode mode = unimp::v1::DECODE_MODE_FAST;
+  long long interaction_id = 0;
   std::string ca, cert, key, server_name;
   std::string service;
   long timeout_ms = 5000;
 };
 
 const char* kUsageText =
-    "usage: pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N] [--token T]\n"
+    "usage: pos_client recommend --target HOST:PORT [--user U] [--item ID ...] [--top-k N]\n"
+    "                            [--mode fast|beam|beam-constrained] [--token T]\n"
     "                            [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]\n"
+    "       pos_client delete-interaction --target HOST:PORT --user U --interaction-id N [--token T] [TLS options]\n"
+    "       pos_client forget-user --target HOST:PORT --user U [--token T] [TLS options]\n"
     "       pos_client health --target HOST:PORT [--service NAME] [--token T] [TLS options]\n";
 
 const char* StatusName(grpc::StatusCode code) {
@@ -86,7 +95,8 @@ bool Parse(int argc, char** argv, Options* opts) {
     std::cout << kUsageText;
     std::exit(kOk);
   }
-  if (opts->command != "recommend" && opts->command != "health") {
+  if (opts->command != "recommend" && opts->command != "health" && opts->command != "forget-user" &&
+      opts->command != "delete-interaction") {
     std::cerr << "unknown command '" << opts->command << "'\n" << kUsageText;
     return false;
   }
@@ -117,6 +127,21 @@ bool Parse(int argc, char** argv, Options* opts) {
     } else if (flag == "--top-k") {
       if (!value(&number)) return false;
       opts->top_k = std::atoi(number.c_str());
+    } else if (flag == "--mode") {
+      if (!value(&number)) return false;
+      if (number == "fast") {
+        opts->mode = unimp::v1::DECODE_MODE_FAST;
+      } else if (number == "beam") {
+        opts->mode = unimp::v1::DECODE_MODE_BEAM;
+      } else if (number == "beam-constrained") {
+        opts->mode = unimp::v1::DECODE_MODE_BEAM_CONSTRAINED;
+      } else {
+        std::cerr << "--mode must be fast, beam or beam-constrained, got '" << number << "'\n";
+        return false;
+      }
+    } else if (flag == "--interaction-id") {
+      if (!value(&number)) return false;
+      opts->interaction_id = std::atoll(number.c_str());
     } else if (flag == "--timeout-ms") {
       if (!value(&number)) return false;
       opts->timeout_ms = std::atol(number.c_str());
@@ -137,6 +162,14 @@ bool Parse(int argc, char** argv, Options* opts) {
   }
   if (opts->timeout_ms <= 0) {
     std::cerr << "--timeout-ms must be positive\n";
+    return false;
+  }
+  if ((opts->command == "forget-user" || opts->command == "delete-interaction") && opts->user.empty()) {
+    std::cerr << opts->command << " needs --user\n";
+    return false;
+  }
+  if (opts->command == "delete-interaction" && opts->interaction_id <= 0) {
+    std::cerr << "delete-interaction needs --interaction-id N (N > 0, as RecordInteraction returned)\n";
     return false;
   }
   return true;
@@ -186,7 +219,7 @@ int Recommend(const Options& opts, const std::shared_ptr<grpc::Channel>& channel
   request.set_user_id(opts.user);
   for (const auto& id : opts.items) request.add_history()->set_item_id(id);
   request.mutable_options()->set_top_k(opts.top_k);
-  request.mutable_options()->set_mode(unimp::v1::DECODE_MODE_FAST);
+  request.mutable_options()->set_mode(opts.mode);
 
   unimp::v1::RecommendResponse response;
   grpc::ClientContext context;
@@ -197,6 +230,34 @@ int Recommend(const Options& opts, const std::shared_ptr<grpc::Channel>& channel
   for (const auto& item : response.items()) {
     std::cout << ++rank << '\t' << item.item_id() << '\t' << item.score() << '\t' << item.attributes().title() << '\n';
   }
+  return kOk;
+}
+
+int DeleteInteraction(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = unimp::v1::Personalization::NewStub(channel);
+  unimp::v1::DeleteInteractionRequest request;
+  request.set_user_id(opts.user);
+  request.set_interaction_id(opts.interaction_id);
+  unimp::v1::DeleteInteractionResponse response;
+  grpc::ClientContext context;
+  Prepare(opts, &context);
+  grpc::Status status = stub->DeleteInteraction(&context, request, &response);
+  if (!status.ok()) return Report(status, context);
+  std::cout << "history_length\t" << response.history_length() << '\n';
+  return kOk;
+}
+
+int ForgetUser(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = unimp::v1::Personalization::NewStub(channel);
+  unimp::v1::ForgetUserRequest request;
+  request.set_user_id(opts.user);
+  unimp::v1::ForgetUserResponse response;
+  grpc::ClientContext context;
+  Prepare(opts, &context);
+  grpc::Status status = stub->ForgetUser(&context, request, &response);
+  if (!status.ok()) return Report(status, context);
+  std::cout << "interactions_removed\t" << response.interactions_removed() << '\n'
+            << "prefixes_removed\t" << response.prefixes_removed() << '\n';
   return kOk;
 }
 
@@ -222,5 +283,7 @@ int main(int argc, char** argv) {
   auto channel = MakeChannel(opts, &ok);
   if (!ok) return kUsage;
   if (opts.command == "health") return Health(opts, channel);
+  if (opts.command == "forget-user") return ForgetUser(opts, channel);
+  if (opts.command == "delete-interaction") return DeleteInteraction(opts, channel);
   return Recommend(opts, channel);
 }

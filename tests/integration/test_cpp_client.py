@@ -107,6 +107,36 @@ def test_recommend_for_a_stored_user(pos_client: Path, server: ServerThread) -> 
     assert len(ids) == 3 and "sku-0008" not in ids
 
 
+def test_recommend_modes(pos_client: Path, server: ServerThread) -> None:
+    for mode in ("fast", "beam", "beam-constrained"):
+        result = run(pos_client, "recommend", "--target", server.target, "--token", TOKEN, "--item", "sku-0001",
+                     "--top-k", "3", "--mode", mode)
+        assert result.returncode == 0, (mode, result.stderr)
+        assert len(result.stdout.splitlines()) == 3
+    bad = run(pos_client, "recommend", "--target", server.target, "--item", "sku-0001", "--mode", "greedy")
+    assert bad.returncode == 2 and "--mode must be" in bad.stderr
+
+
+def test_delete_interaction_and_forget_user(pos_client: Path, server: ServerThread) -> None:
+    with UnimpClient(server.target, token=TOKEN) as client:
+        first = client.record_interaction("loyalty-77", "sku-0004")
+        client.record_interaction("loyalty-77", "sku-0005")
+    deleted = run(pos_client, "delete-interaction", "--target", server.target, "--token", TOKEN,
+                  "--user", "loyalty-77", "--interaction-id", str(first.interaction_id))
+    assert deleted.returncode == 0, deleted.stderr
+    assert deleted.stdout.splitlines() == ["history_length\t1"]
+    again = run(pos_client, "delete-interaction", "--target", server.target, "--token", TOKEN,
+                "--user", "loyalty-77", "--interaction-id", str(first.interaction_id))
+    assert again.returncode == 1 and "NOT_FOUND" in again.stderr and "(field interaction_id)" in again.stderr
+    forgot = run(pos_client, "forget-user", "--target", server.target, "--token", TOKEN, "--user", "loyalty-77")
+    assert forgot.returncode == 0, forgot.stderr
+    assert forgot.stdout.splitlines()[0] == "interactions_removed\t1"
+    with UnimpClient(server.target, token=TOKEN) as client:
+        assert client.forget_user("loyalty-77").interactions_removed == 0  # nothing left to forget
+    usage = run(pos_client, "forget-user", "--target", server.target)
+    assert usage.returncode == 2 and "needs --user" in usage.stderr
+
+
 def test_errors_carry_status_and_field(pos_client: Path, server: ServerThread) -> None:
     no_token = run(pos_client, "recommend", "--target", server.target, "--item", "sku-0001")
     assert no_token.returncode == 1 and "UNAUTHENTICATED" in no_token.stderr
