@@ -143,6 +143,7 @@ class Runtime:
         if self._catalog.semantic is not None:
             spellings = self._catalog.semantic.spellings(t)  # (N, 4) token ids
             self._semantic_trie = TokenTrie.from_sequences(spellings, t.eos, prefix=self._answer_prefix)
+            self._semantic_trie.build_index()  # now, not in a request thread: later masked views only read it
 
     @classmethod
     def open(cls, artifacts: str | Path, config: RuntimeConfig | None = None) -> Runtime:

@@ -30,9 +30,9 @@ class _Node:
     """Cached int64 [k] of the tokens allowed after this node, sorted."""
     lo: int = 0
     hi: int = 0
-    """Items spelled through this node are positions [lo, hi) of the lexicographic order (see _index)."""
+    """Items spelled through this node are positions [lo, hi) of the lexicographic order (see build_index)."""
     child_tokens: np.ndarray = field(default_factory=lambda: _NONE)
-    """int64 [c] sorted child tokens, with their ranges in child_lo / child_hi (set by _index)."""
+    """int64 [c] sorted child tokens, with their ranges in child_lo / child_hi (set by build_index)."""
     child_lo: np.ndarray = field(default_factory=lambda: _NONE)
     child_hi: np.ndarray = field(default_factory=lambda: _NONE)
 
@@ -110,9 +110,10 @@ class TokenTrie:
     def __len__(self) -> int:
         return self._count
 
-    def _index(self) -> np.ndarray:
+    def build_index(self) -> np.ndarray:
         """int64 [count]: item indices in lexicographic order of their spellings (a node's own item before
-        its descendants); sets every node's range and child arrays. Computed once, on first use."""
+        its descendants); sets every node's range and child arrays. Computed once, on first use; call it
+        before sharing the trie between threads (masked views then only read it)."""
         if self._order is not None:
             return self._order
         order: list[int] = []
@@ -185,7 +186,7 @@ class MaskedTrie:
         ok = np.asarray(admissible)
         if ok.dtype != np.bool_ or ok.ndim != 1:
             raise ValueError("admissible must be a 1-D boolean mask indexed by item index")
-        order = trie._index()
+        order = trie.build_index()
         if order.size and int(order.max()) >= ok.shape[0]:
             raise ValueError(f"admissible has {ok.shape[0]} entries; the trie has item index {int(order.max())}")
         self._trie = trie
