@@ -323,3 +323,20 @@ def _greedy_row(rt: Runtime, pool: tuple[str, ...], exhaustive: dict[int, float]
         prefix.append(best)
         depth += 1
     return rows[0]
+
+
+def test_export_cli_passes_semantic_ids_to_the_demo(tiny_semantic_artifacts: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import export.pipeline
+    from runtime.cli import main
+
+    calls: list[dict[str, object]] = []
+
+    def fake_export_demo(preset: str, out: Path, **kwargs: object) -> object:
+        calls.append({"preset": preset, **kwargs})
+        return load_manifest(tiny_semantic_artifacts, verify=False)
+
+    monkeypatch.setattr(export.pipeline, "export_demo", fake_export_demo)
+    assert main(["export", "--demo", "tiny", "--semantic-ids", "--quiet", "--out", str(tmp_path)]) == 0
+    assert main(["export", "--demo", "tiny", "--quiet", "--out", str(tmp_path)]) == 0
+    assert [c["semantic_ids"] for c in calls] == [True, False] and calls[0]["preset"] == "tiny"
