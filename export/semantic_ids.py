@@ -31,6 +31,9 @@ def demo_semantic_ids(item_ids: Sequence[str], categories: Sequence[str], seed: 
         raise ValueError(f"at most {SEMANTIC_CODES} categories fit the first code")
     first = rng.choice(SEMANTIC_CODES, size=len(names), replace=False)
     groups = {n: rng.choice(SEMANTIC_CODES, size=GROUPS_PER_CATEGORY, replace=False) for n in names}
+    room = GROUPS_PER_CATEGORY * SEMANTIC_CODES * SEMANTIC_LAST_CODES
+    if any(categories.count(n) > room // 2 for n in names):
+        raise ValueError(f"at most {room // 2} items per category get demo semantic ids")
     code_of = {n: int(first[i]) for i, n in enumerate(names)}
     seen: set[tuple[int, ...]] = set()
     table: dict[str, list[int]] = {}
