@@ -8,6 +8,8 @@ A checkpoint directory (see README, "Checkpoint directory") holds::
     checkpoint.pt           OpenFlamingo release weights (perceiver, gated cross-attention, embeddings)
     weights_epoch_N.pt      optional UniMP delta (trainable tensors only); the highest N is used
     catalog/items.jsonl     the items the model's item_k tokens refer to, with catalog/images/
+    catalog/id2semantic.json  optional: semantic-ID items ({item_id: [a, b, c, d]}); the vocabulary then
+                            has item_0..511 + item_last_0..31 instead of one token per item
 
 Sources are applied in that order (vision, lm, checkpoint.pt, delta): later files override earlier ones.
 """
@@ -27,6 +29,7 @@ from tokenizers import Tokenizer
 
 from export.modeling.config import LMConfig, UniMPConfig, VisionConfig
 from export.modeling.model import UniMP
+from export.semantic_ids import SEMANTIC_TABLE
 from export.vocab import AddedVocab, add_unimp_tokens
 
 log = logging.getLogger(__name__)
@@ -241,7 +244,8 @@ def load_checkpoint(ckpt: Path, strict: bool = True) -> LoadedCheckpoint:
         raise CheckpointError(f"{tok_path} does not exist: the lm/ directory needs a fast tokenizer (tokenizer.json)")
     tokenizer = Tokenizer.from_file(str(tok_path))
     num_items = int(meta.get("num_items") or count_catalog_items(ckpt))
-    vocab = add_unimp_tokens(tokenizer, num_items, eos=meta.get("eos_token", "<|endoftext|>"))
+    semantic = (ckpt / "catalog" / SEMANTIC_TABLE).is_file()
+    vocab = add_unimp_tokens(tokenizer, num_items, eos=meta.get("eos_token", "<|endoftext|>"), semantic=semantic)
     vision_cfg = VisionConfig(**meta.get("vision", {}))
     lm_cfg = lm_config_from_hf(lm_dir, vocab.size, int(meta.get("cross_attn_every_n_layers", 2)))
     model = UniMP(UniMPConfig(vision=vision_cfg, lm=lm_cfg)).eval()
@@ -384,8 +388,13 @@ def write_checkpoint_dir(
     (out / UNIMP_JSON).write_text(json.dumps(meta, indent=2))
 
 
-def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int | None = None) -> Path:
-    """A seeded UniMP-shaped checkpoint directory with a local tokenizer and a synthetic catalog."""
+def build_demo_checkpoint(
+    out: Path, preset: str, seed: int = 0, num_items: int | None = None, semantic_ids: bool = False
+) -> Path:
+    """A seeded UniMP-shaped checkpoint directory with a local tokenizer and a synthetic catalog.
+
+    ``semantic_ids``: the catalog carries a seeded ``id2semantic.json`` (see export.semantic_ids) and the
+    vocabulary the semantic-ID item tokens."""
     from export.catalog import build_catalog, catalog_corpus
     from export.modeling.config import small_config, tiny_config
     from export.vocab import train_demo_tokenizer
@@ -400,7 +409,12 @@ def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int 
     base = train_demo_tokenizer(catalog_corpus(records), bpe_size)
     base_vocab = base.get_vocab_size(with_added_tokens=True)
     full = Tokenizer.from_str(base.to_str())
-    vocab = add_unimp_tokens(full, n_items)
+    if semantic_ids:
+        from export.semantic_ids import demo_semantic_ids, write_semantic_table
+
+        table = demo_semantic_ids([r.item_id for r in records], [r.category for r in records], seed=seed)
+        write_semantic_table(out / "catalog", table)
+    vocab = add_unimp_tokens(full, n_items, semantic=semantic_ids)
     cfg = make_config(vocab.size)
     torch.manual_seed(seed)
     model = UniMP(cfg).eval()
@@ -420,7 +434,7 @@ def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int 
             "quick_gelu": v.quick_gelu,
             "ln_post_on_tokens": v.ln_post_on_tokens,
         },
-        "demo": {"preset": preset, "seed": seed},
+        "demo": {"preset": preset, "seed": seed, "semantic_ids": semantic_ids},
     }
     write_checkpoint_dir(out, model, base, base_vocab, meta)
     return out

@@ -18,12 +18,16 @@ from tqdm import tqdm
 from export.checkpoints import build_demo_checkpoint, load_checkpoint
 from export.graphs import export_graph, graph_entry, validate_graph
 from export.modeling.config import CLIP_MEAN, CLIP_STD
+from export.semantic_ids import SEMANTIC_TABLE
 from export.specs import all_specs
+from export.vocab import SEMANTIC_CODES, SEMANTIC_LAST_CODES, AddedVocab
+from runtime.catalog import SemanticTable
 from runtime.manifest import (
     SCHEMA_VERSION,
     DecoderDims,
     DecoderNames,
     GraphEntry,
+    ItemsSpec,
     Manifest,
     TokenIds,
     VisionDims,
@@ -127,6 +131,7 @@ def export_checkpoint(
             **(source or {}),
         },
         diffusion=diffusion_meta,
+        items=_items_spec(out, vocab),
     )
     manifest.save(out)
     steps.set_postfix_str("done")
@@ -135,13 +140,31 @@ def export_checkpoint(
     return manifest
 
 
-def export_demo(preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True) -> Manifest:
-    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``."""
+def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
+    """Atomic items, or semantic-ID items when the copied catalog has an ``id2semantic`` table (checked
+    here with the runtime's own reader against the catalog and the vocabulary)."""
+    rel = f"catalog/{SEMANTIC_TABLE}"
+    if not (out / rel).is_file():
+        return ItemsSpec()
+    if vocab.item_last_count != SEMANTIC_LAST_CODES or vocab.item_count != SEMANTIC_CODES:
+        raise ValueError(f"{rel}: semantic ids need the item_0..{SEMANTIC_CODES - 1} and "
+                         f"item_last_0..{SEMANTIC_LAST_CODES - 1} tokens")
+    SemanticTable.load(out / rel)
+    return ItemsSpec(kind="semantic", semantic_table=rel, semantic_sha256=sha256_file(out / rel),
+                     code_counts=[SEMANTIC_CODES] * 3 + [SEMANTIC_LAST_CODES])
+
+
+def export_demo(
+    preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
+    semantic_ids: bool = False,
+) -> Manifest:
+    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``
+    (``semantic_ids``: with a semantic-ID catalog, see export.semantic_ids)."""
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
         print(f"building the {preset} demo checkpoint in {ckpt} ...", flush=True)
-    build_demo_checkpoint(ckpt, preset, seed=seed)
+    build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids)
     diffusion_dir = None
     if with_diffusion:
         try:
@@ -150,7 +173,8 @@ def export_demo(preset: str, out: Path, seed: int = 0, progress: bool = True, wi
             log.warning("diffusers is not installed; the demo is exported without image generation")
         else:
             diffusion_dir = build_demo_diffusion(ckpt / "diffusion", seed=seed)
-    return export_checkpoint(ckpt, out, progress=progress, source={"demo": preset, "seed": seed}, diffusion=diffusion_dir)
+    source = {"demo": preset, "seed": seed, **({"semantic_ids": True} if semantic_ids else {})}
+    return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir)
 
 
 def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """The item catalog the model's item tokens refer to: metadata, availability and images.
 
-The base catalog is the artifacts' ``items.jsonl`` (read-only). Edits (upserts, deletes, new images) are
+The base catalog is the artifacts' ``items.jsonl`` (read-only). With semantic-ID items (manifest
+``items.kind = "semantic"``) the model spells item k as the 4 codes of row k of the ``id2semantic`` table
+(``SemanticTable``); a base item's token is then its row in that table, whatever ``items.jsonl`` says. Edits (upserts, deletes, new images) are
 kept in memory, or, with a ``state_dir``, in ``state_dir/catalog.sqlite`` so that they survive a restart:
 on open the base catalog and the persisted edits are merged. Each edit replaces an item's whole state.
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.api import CatalogItem, CatalogPage
-from runtime.manifest import Manifest, ManifestError, sha256_file
+from runtime.manifest import Manifest, ManifestError, TokenIds, sha256_file
 from runtime.statefiles import connect_private, private_dir
 from runtime.types import InvalidRequest, ItemMeta, NotFound
 from runtime.vision import decode_image
@@ -70,6 +72,61 @@ class _Entry:
         return "base" if self.image_path is not None else "none"
 
 
+SEMANTIC_LENGTH = 4
+SEMANTIC_CODE_COUNTS = (512, 512, 512, 32)
+"""Codes per position of a semantic id: ``item_0..511`` three times, then ``item_last_0..31``."""
+
+
+@dataclass(frozen=True)
+class SemanticTable:
+    """The ``id2semantic`` table: row k spells the item ``item_ids[k]`` as ``codes[k]``.
+
+    The file is JSON ``{item_id: [a, b, c, d]}`` (or the reference's ``"a,b,c,d"`` strings); rows keep the
+    file's order. Every id is unique and in range (a, b, c < 512, d < 32)."""
+
+    item_ids: tuple[str, ...]
+    codes: np.ndarray
+    """int64 [N, 4], read-only."""
+
+    @classmethod
+    def load(cls, path: Path) -> SemanticTable:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ManifestError(f"semantic-id table {path} is unreadable: {exc}") from exc
+        if not isinstance(data, dict) or not data:
+            raise ManifestError(f"{path}: must be a non-empty JSON object {{item_id: [a, b, c, d]}}")
+        rows: list[list[int]] = []
+        owner: dict[tuple[int, ...], str] = {}
+        for item_id, value in data.items():
+            try:
+                parts = value.split(",") if isinstance(value, str) else list(value)
+                code = [int(v) for v in parts]
+            except (TypeError, ValueError) as exc:
+                raise ManifestError(f"{path}: item {item_id!r} has a malformed semantic id {value!r}") from exc
+            if len(code) != SEMANTIC_LENGTH or not all(0 <= c < n for c, n in zip(code, SEMANTIC_CODE_COUNTS)):
+                raise ManifestError(f"{path}: item {item_id!r} has semantic id {code}; expected 4 codes, the first "
+                                    "three in 0..511 and the last in 0..31")
+            other = owner.setdefault(tuple(code), str(item_id))
+            if other != item_id:
+                raise ManifestError(f"{path}: items {other!r} and {item_id!r} have the same semantic id {code}")
+            rows.append(code)
+        codes = np.asarray(rows, dtype=np.int64)
+        codes.setflags(write=False)
+        return cls(tuple(str(k) for k in data), codes)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def spellings(self, tokens: TokenIds) -> np.ndarray:
+        """int64 [N, 4] token ids: ``item_a, item_b, item_c`` from the ``item_k`` range, ``item_last_d``."""
+        if tokens.item_last_start < 0 or tokens.item_count < SEMANTIC_CODE_COUNTS[0]:
+            raise ManifestError("semantic-id items need the item_0..511 and item_last_0..31 token ranges")
+        out = self.codes + tokens.item_start
+        out[:, -1] = self.codes[:, -1] + tokens.item_last_start
+        return out
+
+
 def _encode_page_token(last_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps({"after": last_id}).encode()).decode().rstrip("=")
 
@@ -102,8 +159,13 @@ class Catalog:
 
     def __init__(self, artifacts: Path, manifest: Manifest, state_dir: Path | None = None) -> None:
         self.artifacts = Path(artifacts)
-        self.item_count = manifest.tokens.item_count
-        """Size of the model's item-token range: valid tokens are -1 (none) and 0..item_count-1."""
+        self.semantic: SemanticTable | None = None
+        """Semantic-ID items: the id table (token k = row k); None for atomic items."""
+        if manifest.items.kind == "semantic":
+            self.semantic = SemanticTable.load(self.artifacts / manifest.items.semantic_table)
+        self.item_count = len(self.semantic) if self.semantic is not None else manifest.tokens.item_count
+        """Size of the model's item-token range (atomic: item_k tokens; semantic: table rows): valid
+        tokens are -1 (none) and 0..item_count-1."""
         self._lock = threading.RLock()
         self._listeners: list[Callable[[str], None]] = []
         self._entries: dict[str, _Entry] = {}
@@ -128,6 +190,7 @@ class Catalog:
         if not path.is_file():
             raise ManifestError(f"catalog {path} not found")
         root = path.parent
+        rows = {item_id: k for k, item_id in enumerate(self.semantic.item_ids)} if self.semantic else None
         with open(path, encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, 1):
                 if not line.strip():
@@ -140,6 +203,8 @@ class Catalog:
                     raise ManifestError(f"{path}:{lineno}: malformed catalog line ({exc})") from exc
                 if not item_id or item_id in self._base:
                     raise ManifestError(f"{path}:{lineno}: empty or duplicate item_id {item_id!r}")
+                if rows is not None:
+                    token = rows.get(item_id, -1)
                 if not -1 <= token < self.item_count:
                     raise ManifestError(f"{path}:{lineno}: token {token} outside [-1, {self.item_count})")
                 image_path, digest = None, ""
@@ -404,6 +469,12 @@ class Catalog:
                 callback(item_id)
             except Exception:
                 log.exception("image-change callback %r failed for %s", callback, item_id)
+
+    def semantic_codes(self, k: int) -> tuple[int, ...]:
+        """The semantic id ``(a, b, c, d)`` of token (table row) ``k``; () for atomic items or k < 0."""
+        if self.semantic is None or not 0 <= k < self.item_count:
+            return ()
+        return tuple(int(c) for c in self.semantic.codes[k])
 
     def token_of(self, item_id: str) -> int:
         """The item's token index k (of ``item_k``), -1 if it has none; NotFound for an unknown item."""

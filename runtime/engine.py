@@ -34,7 +34,7 @@ from runtime.decoding.itemslice import (
 )
 from runtime.decoding.sampling import SamplingConfig, TokenGenerator
 from runtime.decoding.trie import TokenTrie
-from runtime.limits import Limits
+from runtime.limits import DEFAULT_BEAMS, Limits
 from runtime.manifest import Manifest, load_manifest
 from runtime.prompts import (
     EncodedPrompt,
@@ -137,6 +137,13 @@ class Runtime:
         t = manifest.tokens
         self._banned = np.array([t.image, t.answer, t.pad], np.int64)
         self.requests = 0
+        self._semantic_trie: TokenTrie | None = None
+        """Semantic-ID items: every table row spelled after the answer prefix (built once: the table never
+        changes, catalog edits only move items between rows and change the masks applied to it)."""
+        if self._catalog.semantic is not None:
+            spellings = self._catalog.semantic.spellings(t)  # (N, 4) token ids
+            self._semantic_trie = TokenTrie.from_sequences(spellings, t.eos, prefix=self._answer_prefix)
+            self._semantic_trie.build_index()  # now, not in a request thread: later masked views only read it
 
     @classmethod
     def open(cls, artifacts: str | Path, config: RuntimeConfig | None = None) -> Runtime:
@@ -194,7 +201,7 @@ class Runtime:
             token = entry.token
             has_image = has_image or entry.has_image
         return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
-                            has_image)
+                            has_image, self._catalog.semantic_codes(token))
 
     def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
         """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
@@ -350,13 +357,23 @@ class Runtime:
         user_id: str = "",
     ) -> RecommendResult:
         self._check_decoding(top_k, mode, beam)
+        lim = self.config.limits
+        if self._semantic_trie is not None and mode == DecodeMode.FAST and top_k > lim.beam_top_k_limit():
+            raise InvalidRequest(
+                f"top_k: is {top_k}, above the limit of {lim.beam_top_k_limit()} for semantic-ID items (fast mode "
+                "is a constrained beam search, one item per beam)", field="top_k",
+            )
         t_start = time.perf_counter()
         self.requests += 1
         pre = self._prefill(prompt, tenant, cancel, user_id)
         t = self.manifest.tokens
         masks = self._item_masks(item_filter, prompt.history_tokens)
         decode_s, tokens = 0.0, 0
-        if mode == DecodeMode.FAST:
+        if self._semantic_trie is not None:
+            t0 = time.perf_counter()
+            ranked, tokens = self._semantic_items(self._semantic_trie, pre, top_k, mode, beam, masks, cancel)
+            decode_s = time.perf_counter() - t0
+        elif mode == DecodeMode.FAST:
             top = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks)  # type: ignore[arg-type]
             ranked = top.pairs()
         elif mode == DecodeMode.BEAM_CONSTRAINED:
@@ -439,6 +456,68 @@ class Runtime:
             seen.add(index)
             ranked.append((index, float(score)))
         return ranked[:top_k], int(result.steps)
+
+    def _semantic_items(
+        self, trie: TokenTrie, pre: _Prefilled, top_k: int, mode: DecodeMode, beam: BeamOptions,
+        masks: dict[str, np.ndarray | None], cancel: CancelToken | None,
+    ) -> tuple[list[tuple[int, float]], int]:
+        """Semantic-ID items: (row, score) best first, from a beam search over 4-token ids.
+
+        FAST and BEAM_CONSTRAINED run a beam search constrained to the admissible items' spellings
+        (answer prefix, ``item_a item_b item_c item_last_d``, EOS: every beam is a valid, admissible id;
+        unpenalised log-probabilities), FAST with ``num_beams = max(top_k, 10)`` capped by
+        ``limits.max_beams``, BEAM_CONSTRAINED with the request's ``num_beams`` (>= top_k). BEAM is the
+        paper's unconstrained search; a hypothesis counts when it spells a whole admissible id exactly.
+        With at least as many beams as admissible items the constrained search is exact (every prefix of
+        every admissible id survives each step)."""
+        t = self.manifest.tokens
+        ok = admissible_items(self._catalog.item_count, **masks)  # type: ignore[arg-type]
+        if mode == DecodeMode.BEAM:
+            cfg = BeamSearchConfig(
+                num_beams=beam.num_beams,
+                num_return_sequences=beam.num_return_sequences,
+                max_new_tokens=beam.max_new_tokens,
+                length_penalty=beam.length_penalty,
+                early_stopping=beam.early_stopping,
+                eos_token_id=t.eos,
+                pad_token_id=t.pad,
+            )
+            result = self._run_beams(pre, cfg, cancel)
+            return self._trie_items(result, trie.masked(ok).lookup)[:top_k], int(result.steps)
+        if mode == DecodeMode.FAST:
+            num_beams = min(max(top_k, DEFAULT_BEAMS), self.config.limits.max_beams)
+        else:
+            num_beams = beam.num_beams
+            if num_beams < top_k:
+                raise InvalidRequest(f"beam.num_beams: must be >= top_k ({top_k}) in constrained beam mode, "
+                                     f"got {num_beams}", field="beam.num_beams")
+        view = trie.masked(ok)
+        if len(view) == 0:
+            return [], 0
+        cfg = BeamSearchConfig(
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            max_new_tokens=trie.max_length + 1,  # prefix, 4 codes, EOS
+            length_penalty=0.0,
+            eos_token_id=t.eos,
+            pad_token_id=t.pad,
+        )
+        result = self._run_beams(pre, cfg, cancel, allowed_tokens=view.allowed, ban=False)
+        return self._trie_items(result, view.lookup)[:top_k], int(result.steps)
+
+    @staticmethod
+    def _trie_items(result: BeamResult, lookup: Callable[[np.ndarray], int]) -> list[tuple[int, float]]:
+        """Distinct items the hypotheses spell (``lookup``: tokens -> item or -1), best first; rows still at
+        the search's -1e9 sentinel (fewer admissible items than beams) are skipped."""
+        ranked: list[tuple[int, float]] = []
+        seen: set[int] = set()
+        for seq, score in zip(result.sequences(), result.scores):
+            index = lookup(seq)
+            if index < 0 or index in seen or not score > _SENTINEL_FLOOR:
+                continue
+            seen.add(index)
+            ranked.append((index, float(score)))
+        return ranked
 
     @cached_property
     def _answer_prefix(self) -> tuple[int, ...]:

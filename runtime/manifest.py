@@ -5,7 +5,9 @@ The manifest names every tensor the runtime feeds or reads, so no tensor name is
 per-layer names are templates with a ``{layer}`` (or ``{block}``) placeholder.
 
 Schema history:
-  1  first version: vision, media_kv and decoder graphs; optional diffusion graphs.
+  1  first version: vision, media_kv and decoder graphs; optional diffusion graphs. Later optional
+     fields (defaults keep older manifests readable): ``items`` (atomic or semantic-ID items) and
+     ``tokens.item_last_start/item_last_count``.
 """
 
 from __future__ import annotations
@@ -129,6 +131,30 @@ class TokenIds:
     item_count: int
     image_codes_start: int = -1
     """First id of img_0,..img_1023, (-1 if absent)."""
+    item_last_start: int = -1
+    """Semantic-ID items: first id of the contiguous item_last_0..item_last_31 range (-1 if absent)."""
+    item_last_count: int = 0
+
+
+ItemKind = Literal["atomic", "semantic"]
+
+
+@dataclass(frozen=True)
+class ItemsSpec:
+    """How the model spells catalog items.
+
+    ``atomic``: one token per item, ``item_k`` for the catalog item with token k. ``semantic``: every item
+    is 4 tokens, ``item_a item_b item_c item_last_d`` (a, b, c in 0..511 from the ``item_k`` range, d in
+    0..31 from the ``item_last_k`` range), read from ``semantic_table`` (``{item_id: [a, b, c, d]}``); a
+    catalog item's ``token`` is then its row in that table (the table's order).
+    """
+
+    kind: ItemKind = "atomic"
+    semantic_table: str = ""
+    """Path of the id -> semantic id table, relative to the artifacts directory ("" when atomic)."""
+    semantic_sha256: str = ""
+    code_counts: list[int] = field(default_factory=list)
+    """Semantic ids: the number of codes of each position ([512, 512, 512, 32])."""
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,7 @@ class Manifest:
     tokenizer: str = "tokenizer.json"
     catalog: str = "catalog/items.jsonl"
     diffusion: dict[str, Any] = field(default_factory=dict)
+    items: ItemsSpec = field(default_factory=ItemsSpec)
 
     # -- serialisation -----------------------------------------------------------------------
     def to_json(self) -> str:
@@ -197,6 +224,7 @@ class Manifest:
                 tokenizer=data.get("tokenizer", "tokenizer.json"),
                 catalog=data.get("catalog", "catalog/items.jsonl"),
                 diffusion=dict(data.get("diffusion", {})),
+                items=ItemsSpec(**data.get("items", {})),
             )
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from exc
@@ -234,6 +262,8 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
 def verify_files(root: Path, manifest: Manifest) -> None:
     expected = {g.file: g.sha256 for g in manifest.graphs.values()}
     expected.update(manifest.files)
+    if manifest.items.semantic_table:
+        expected.setdefault(manifest.items.semantic_table, manifest.items.semantic_sha256)
     for rel, digest in expected.items():
         file = root / rel
         if not file.is_file():

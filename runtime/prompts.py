@@ -8,6 +8,9 @@ image, or to nothing before the first one). Eval prompts carry no BOS.
 Preference history chunks: ``<image> {meta} <answer> rate_{r} {explanation} <|endofchunk|> ``; an unknown
 rating (0) drops ``rate_{r} `` (``<image> {meta} <answer> {explanation} <|endofchunk|> ``), and with
 neither rating nor explanation the chunk has no answer part (``<image> {meta} <|endofchunk|> ``).
+
+Recommendation and search chunks name the item as ``item_{k}``; with semantic-ID items as its 4 tokens
+written together, ``<image> {meta} item_aitem_bitem_citem_last_d <|endofchunk|> `` (see ``semantic_text``).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ class ResolvedItem:
     explanation: str = ""
     has_image: bool = True
     """False for an item without any image (its chunk has no ``<image>`` token)."""
+    semantic: tuple[int, ...] = ()
+    """Semantic-ID items: the codes ``(a, b, c, d)`` the chunk spells instead of ``item_{token}``."""
 
     @property
     def image_tag(self) -> str:
@@ -117,8 +122,19 @@ def check_history_item(item: HistoryItem, path: str) -> None:
                              field=f"{path}.rating")
 
 
+def semantic_text(codes: tuple[int, ...]) -> str:
+    """How a prompt spells a semantic id: ``item_a``, ``item_b``, ``item_c``, ``item_last_d`` written
+    without separators (``item_3item_17item_250item_last_9``), as the reference joins them with
+    ``--use_semantic`` (``"".join``); each piece is an added token, so the tokenizer splits them exactly."""
+    *head, last = (int(c) for c in codes)
+    return "".join(f"item_{c}" for c in head) + f"item_last_{last}"
+
+
 def _recommend_chunk(item: ResolvedItem) -> str:
-    token = f"item_{item.token} " if item.token >= 0 else ""
+    if item.semantic:
+        token = f"{semantic_text(item.semantic)} " if item.token >= 0 else ""
+    else:
+        token = f"item_{item.token} " if item.token >= 0 else ""
     return f"{item.image_tag}{render_meta(item.meta)} {token}<|endofchunk|> "
 
 

@@ -37,3 +37,13 @@ def tiny_artifacts_with_diffusion(tmp_path_factory: pytest.TempPathFactory) -> P
     out = tmp_path_factory.mktemp("tiny_demo_diffusion")
     export_demo("tiny", out, seed=0, progress=False, with_diffusion=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_semantic_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo with semantic-ID items (``unimp export --demo tiny --semantic-ids``), exported once."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_semantic_demo")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, semantic_ids=True)
+    return out
