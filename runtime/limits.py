@@ -55,7 +55,7 @@ class Limits:
         default=16,
         metadata=_help(
             "most beams of beam search (options.beam.num_beams, sampling.num_beams); also the largest "
-            "top_k in DECODE_MODE_BEAM, which returns one item per beam"
+            "top_k in the beam modes, which return one item per beam"
         ),
     )
     max_new_tokens: int = field(

@@ -236,15 +236,16 @@ class Decoding:
 
 
 def decode_options(msg: ppb.DecodeOptions, default_max_new: int, limits: LimitsConfig) -> Decoding:
-    """Fast mode: top_k 1..max_top_k. Beam mode: top_k 1..max_beams (one item per beam) and
-    top_k <= num_beams <= max_beams; num_beams 0 means ``max(top_k, min(10, max_beams))``."""
+    """Fast mode: top_k 1..max_top_k. Beam modes (paper and constrained): top_k 1..max_beams (one item per
+    beam) and top_k <= num_beams <= max_beams; num_beams 0 means ``max(top_k, min(10, max_beams))``."""
     mode = _check_enum(msg.mode, _MODES, "options.mode")
     top_k = _check_int(msg.top_k, "options.top_k", 0, limits.max_top_k)
-    if mode == DecodeMode.BEAM:
+    beam_mode = mode in (DecodeMode.BEAM, DecodeMode.BEAM_CONSTRAINED)
+    if beam_mode:
         cap = limits.beam_top_k_limit()
         if top_k > cap:
             raise InvalidRequest(
-                f"is {top_k}, above the limit of {cap} in DECODE_MODE_BEAM (one item per beam, "
+                f"is {top_k}, above the limit of {cap} in the beam modes (one item per beam, "
                 f"limits.max_beams = {limits.max_beams}); use DECODE_MODE_FAST for up to {limits.max_top_k}",
                 "options.top_k",
             )
@@ -259,7 +260,7 @@ def decode_options(msg: ppb.DecodeOptions, default_max_new: int, limits: LimitsC
     )
     b = msg.beam
     num_beams = _check_int(b.num_beams, "options.beam.num_beams", 0, limits.max_beams)
-    if mode == DecodeMode.BEAM:
+    if beam_mode:
         num_beams = num_beams or limits.default_num_beams(top_k)
         if num_beams < top_k:
             raise InvalidRequest(f"must be >= options.top_k ({top_k}), got {num_beams}", "options.beam.num_beams")

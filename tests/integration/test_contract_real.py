@@ -347,3 +347,15 @@ def test_engine_history_indices_become_request_paths_after_stored_interactions(s
     ok = call(served.channel, "PredictPreference", ppb.PredictPreferenceRequest(
         user_id="carol", target=target, history=rated(), sampling=ppb.SamplingOptions(max_new_tokens=2)))
     assert abs(sum(ok.prediction.rating_distribution) - 1) < 1e-5
+
+
+def test_constrained_beam_limits_follow_the_beam_rules(served: Served) -> None:
+    """DECODE_MODE_BEAM_CONSTRAINED takes top_k up to max_beams with num_beams defaulting to max(top_k, 10)."""
+    top_k = LIMITS.max_beams
+    got = call(served.channel, "Recommend", ppb.RecommendRequest(
+        history=ids(*HISTORY), options=opts(top_k=top_k, mode=ppb.DECODE_MODE_BEAM_CONSTRAINED)))
+    assert len(got.items) == top_k and len({i.item_id for i in got.items}) == top_k
+    with pytest.raises(grpc.RpcError) as info:
+        call(served.channel, "Recommend", ppb.RecommendRequest(
+            history=ids(*HISTORY), options=opts(top_k=top_k + 1, mode=ppb.DECODE_MODE_BEAM_CONSTRAINED)))
+    assert info.value.code() == INVALID and info.value.details().startswith("options.top_k: ")
