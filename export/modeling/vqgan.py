@@ -174,12 +174,18 @@ class _Level(nn.Module):
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
+        self.downsample: nn.Module | None = None
+        self.upsample: nn.Module | None = None
 
-    def run(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.block):
             h = block(h)
             if len(self.attn):
                 h = self.attn[i](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        if self.upsample is not None:
+            h = self.upsample(h)
         return h
 
 
@@ -222,9 +228,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            h = stage.run(h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+            h = stage(h)
         h = self.mid(h)
         return self.conv_out(_swish(self.norm_out(h)))
 
@@ -257,9 +261,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for stage in reversed(self.up):
-            h = stage.run(h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            h = stage(h)
         return self.conv_out(_swish(self.norm_out(h)))
 
 
