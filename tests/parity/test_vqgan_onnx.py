@@ -28,7 +28,7 @@ def vq(tiny_artifacts_with_vqgan: Path):  # type: ignore[no-untyped-def]
 
 
 def test_manifest_records_both_graphs_with_settings(vq) -> None:  # type: ignore[no-untyped-def]
-    _, manifest, model, _ = vq
+    _, manifest, _, _ = vq
     dec = manifest.graphs["vqgan_decoder"]
     assert (dec.extra["grid"], dec.extra["n_embed"], dec.extra["resolution"]) == (16, 1024, 256)
     assert dec.inputs[0].dtype == "int64" and dec.inputs[0].shape == ["images", 256]
