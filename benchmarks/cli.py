@@ -148,7 +148,7 @@ def _ensure_artifacts(artifacts: Path, preset: str) -> None:
     print(f"no artifacts in {artifacts}: exporting the {preset} demo there (once) ...", flush=True)
     from export.pipeline import export_demo
 
-    manifest = export_demo(preset, artifacts, seed=0, progress=True, with_diffusion=True)
+    manifest = export_demo(preset, artifacts, seed=0, progress=True, with_diffusion=True, with_vqgan=True)
     print(f"exported {manifest.model_name} ({manifest.source.get('parameters', 0) / 1e6:.1f}M parameters)", flush=True)
 
 

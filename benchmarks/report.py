@@ -272,8 +272,21 @@ def render_image(r: dict[str, Any], h: str) -> str:
               "unet_per_step_s": "UNet per step", "vae_decoder_s": "VAE decoder", "total_s": "diffusion total",
               "first_progress_s": "first progress event", "wall_s": "wall (whole request)"}
     rows = [[labels[k], ms(st[k])] for k in order if k in st]
-    return "\n".join([f"{h} Image generation ({r.get('steps')} steps, {r.get('width')}x{r.get('height')}, "
-                      f"medians of {r.get('repeats')})", "", table(["stage", "ms"], rows)])
+    out = []
+    if rows:
+        out += [f"{h} Image generation, diffusion ({r.get('steps')} steps, {r.get('width')}x{r.get('height')}, "
+                f"medians of {r.get('repeats')})", "", table(["stage", "ms"], rows)]
+    vq = r.get("vqgan", {})
+    if vq.get("stages"):
+        vst = vq["stages"]
+        vlabels = {"prompt_s": "prompt (history codes from the cache)", "vision_s": "history latents",
+                   "prefill_s": "prefill", "codes_s": f"{vq.get('codes')} code tokens",
+                   "vqgan_decoder_s": "VQGAN decoder", "wall_s": "wall (whole request)"}
+        vrows = [[vlabels[k], ms(vst[k])] for k in vlabels if k in vst]
+        out += ["", f"{h} Image generation, VQGAN codes ({vq.get('width')}x{vq.get('height')}, "
+                f"medians of {vq.get('repeats')}): {vq.get('codes_per_s', 0.0):.0f} codes/s, decoder "
+                f"{vq.get('decoder_ms', 0.0):.1f} ms", "", table(["stage", "ms"], vrows)]
+    return "\n".join(out).strip("\n")
 
 
 def _flatten(value: Any, prefix: str = "", depth: int = 3) -> dict[str, Any]:

@@ -477,37 +477,69 @@ def run(ctx: BenchContext) -> dict[str, Any]:
 # -- image generation (section "image") ------------------------------------------------------------------
 
 
-def run_image(ctx: BenchContext) -> dict[str, Any]:
-    """GenerateImage per stage: LLM-written prompt, text encoder, UNet (per step), VAE decoder."""
-    from runtime.api import ImageProgress, ImageRequest, ImageResult
+def _image_samples(rt: Runtime, request: Any, repeats: int) -> tuple[list[dict[str, float]], Any]:
+    """Timings of ``repeats`` GenerateImage runs after one warm-up, and the last result."""
+    from runtime.api import ImageProgress, ImageResult
 
-    if "unet" not in ctx.manifest["graphs"]:
-        return {"skipped": "these artifacts have no diffusion graphs (exported with --no-diffusion)"}
+    samples: list[dict[str, float]] = []
+    last: ImageResult | None = None
+    for i in range(max(1, repeats) + 1):
+        t0 = time.perf_counter()
+        first_progress = 0.0
+        result: ImageResult | None = None
+        for event in rt.generate_image(request):
+            if isinstance(event, ImageProgress):
+                first_progress = first_progress or time.perf_counter() - t0
+            elif isinstance(event, ImageResult):
+                result = event
+        wall = time.perf_counter() - t0
+        if result is None:
+            raise RuntimeError("generate_image ended without an ImageResult")
+        if i:  # the first run is the warm-up
+            samples.append({**result.timings, "wall": wall, "first_progress": first_progress})
+            last = result
+        log.info("image (%s): run %d/%d %.2f s", request.model.value, i, repeats, wall)
+    return samples, last
+
+
+def _stage_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for s in samples for k in s})
+    return {f"{k}_s" if k != "steps" else k: _median([s[k] for s in samples if k in s]) for k in keys}
+
+
+def run_image(ctx: BenchContext) -> dict[str, Any]:
+    """GenerateImage per stage. Diffusion: LLM-written prompt, text encoder, UNet (per step), VAE decoder.
+    VQGAN (key ``vqgan``): prompt, prefill, the 256 code tokens (codes/s), VQGAN decoder (ms)."""
+    from runtime.api import ImageRequest
+    from runtime.types import ImageModel
+
+    graphs = ctx.manifest["graphs"]
+    has_diffusion, has_vqgan = "unet" in graphs, "vqgan_decoder" in graphs
+    if not has_diffusion and not has_vqgan:
+        return {"skipped": "these artifacts have no image generation graphs (exported with --no-diffusion --no-vqgan)"}
     rt = _open(ctx)
     steps = 4 if ctx.quick else 20
     history = ctx.histories(n_users=1, length=4)[0]
+    out: dict[str, Any] = {}
     try:
-        request = ImageRequest(history=history, query="a summer outfit", steps=steps, seed=0)
-        samples: list[dict[str, float]] = []
-        size: dict[str, int] = {}
-        for i in range(max(1, ctx.repeats) + 1):
-            t0 = time.perf_counter()
-            first_progress = 0.0
-            result: ImageResult | None = None
-            for event in rt.generate_image(request):
-                if isinstance(event, ImageProgress):
-                    first_progress = first_progress or time.perf_counter() - t0
-                elif isinstance(event, ImageResult):
-                    result = event
-            wall = time.perf_counter() - t0
-            if result is None:
-                raise RuntimeError("generate_image ended without an ImageResult")
-            if i:  # the first run is the warm-up
-                samples.append({**result.timings, "wall": wall, "first_progress": first_progress})
-                size = {"width": result.width, "height": result.height}
-            log.info("image: run %d/%d %.2f s", i, ctx.repeats, wall)
+        if has_diffusion:
+            request = ImageRequest(history=history, query="a summer outfit", steps=steps, seed=0,
+                                   model=ImageModel.DIFFUSION)
+            samples, result = _image_samples(rt, request, ctx.repeats)
+            out.update({"steps": steps, "width": result.width, "height": result.height, "repeats": len(samples),
+                        "stages": _stage_medians(samples)})
+        else:
+            out["diffusion"] = {"skipped": "these artifacts have no diffusion graphs"}
+        if has_vqgan:
+            request = ImageRequest(history=history, query="a summer outfit", model=ImageModel.VQGAN)
+            samples, result = _image_samples(rt, request, 1 if ctx.quick else ctx.repeats)
+            stages = _stage_medians(samples)
+            codes = len(result.codes)
+            out["vqgan"] = {"codes": codes, "width": result.width, "height": result.height, "repeats": len(samples),
+                            "stages": stages, "codes_per_s": codes / stages["codes_s"] if stages["codes_s"] else 0.0,
+                            "decoder_ms": 1e3 * stages["vqgan_decoder_s"]}
+        else:
+            out["vqgan"] = {"skipped": "these artifacts have no VQGAN graphs (export with --vqgan DIR)"}
     finally:
         rt.close()
-    keys = sorted({k for s in samples for k in s})
-    medians = {f"{k}_s" if k != "steps" else k: _median([s[k] for s in samples if k in s]) for k in keys}
-    return {"steps": steps, **size, "repeats": len(samples), "stages": medians}
+    return out

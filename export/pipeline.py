@@ -49,9 +49,13 @@ def _versions() -> dict[str, str]:
 
 
 def export_checkpoint(
-    ckpt: Path, out: Path, progress: bool = True, source: dict[str, Any] | None = None, diffusion: Path | None = None
+    ckpt: Path, out: Path, progress: bool = True, source: dict[str, Any] | None = None, diffusion: Path | None = None,
+    vqgan: Path | None = None,
 ) -> Manifest:
-    """Load ``ckpt`` (checkpoint directory layout), export and validate every graph, write the manifest."""
+    """Load ``ckpt`` (checkpoint directory layout), export and validate every graph, write the manifest.
+
+    ``diffusion`` (a diffusers directory) and ``vqgan`` (a taming VQGAN directory) add the optional image
+    generation graphs; ``source["vqgan"]`` then records the VQGAN's source and validation."""
     ckpt, out = Path(ckpt), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -93,6 +97,14 @@ def export_checkpoint(
         diffusion_graphs, diffusion_meta, diffusion_files = export_diffusion(diffusion, out, progress=progress)
         graphs.update(diffusion_graphs)
         files.update(diffusion_files)
+    vqgan_meta: dict[str, Any] = {}
+    if vqgan is not None:
+        from export.vqgan import export_vqgan
+
+        steps.set_postfix_str("exporting vqgan")
+        vqgan_graphs, vqgan_meta = export_vqgan(vqgan, out, progress=progress)
+        graphs.update(vqgan_graphs)
+        vqgan_meta["path"] = os.path.relpath(Path(vqgan).resolve(), out.resolve())
     steps.update()
 
     cfg = model.cfg
@@ -128,6 +140,7 @@ def export_checkpoint(
             "parameters": params,
             "config": cfg.to_dict(),
             "validation": report,
+            **({"vqgan": vqgan_meta} if vqgan_meta else {}),
             **(source or {}),
         },
         diffusion=diffusion_meta,
@@ -156,7 +169,7 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
-    semantic_ids: bool = False,
+    semantic_ids: bool = False, with_vqgan: bool = False,
 ) -> Manifest:
     """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``
     (``semantic_ids``: with a semantic-ID catalog, see export.semantic_ids)."""
@@ -174,7 +187,12 @@ def export_demo(
         else:
             diffusion_dir = build_demo_diffusion(ckpt / "diffusion", seed=seed)
     source = {"demo": preset, "seed": seed, **({"semantic_ids": True} if semantic_ids else {})}
-    return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir)
+    vqgan_dir = None
+    if with_vqgan:
+        from export.modeling.vqgan import build_demo_vqgan
+
+        vqgan_dir = build_demo_vqgan(ckpt / "vqgan", seed=seed)
+    return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir, vqgan=vqgan_dir)
 
 
 def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -191,6 +209,11 @@ def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[
         from export.diffusion import validate_diffusion
 
         result["graphs"].update(validate_diffusion(directory, manifest, ckpt / "diffusion"))
+    if "vqgan_decoder" in manifest.graphs:
+        from export.vqgan import validate_vqgan
+
+        vq = manifest.source.get("vqgan", {}).get("path")
+        result["graphs"].update(validate_vqgan(directory, manifest, directory / vq if vq else ckpt / "vqgan"))
     result["ok"] = True
     return result
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from runtime.types import (
+    ImageModel,
     ImageScheduler,
     InvalidRequest,
     ItemMeta,
@@ -56,6 +57,11 @@ class ImageRequest:
     scheduler: ImageScheduler = ImageScheduler.DDIM
     """DEFAULT: the model's own scheduler class when the runtime implements it, DDIM otherwise."""
     cancel: object | None = None
+    model: ImageModel = ImageModel.UNSPECIFIED
+    """Which path generates the image (see ImageModel)."""
+    temperature: float = 0.0
+    """VQGAN path: 0 is greedy (the paper's setting), otherwise sampling with ``top_p`` and ``seed``."""
+    top_p: float = 1.0
 
 
 def require_image_scheduler(value: object) -> ImageScheduler:
@@ -80,6 +86,8 @@ class ImageResult:
     width: int
     height: int
     timings: dict[str, float] = field(default_factory=dict)
+    codes: tuple[int, ...] = ()
+    """VQGAN path: the generated code grid, row-major (0..n_embed-1); empty for diffusion."""
 
 
 class CatalogStore(Protocol):
@@ -111,7 +119,8 @@ class Engine(Protocol):
     def select_items(self, request: SelectRequest) -> SelectResult: ...
 
     def generate_image(self, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
-        """Yields progress per denoising step, then the ImageResult. Raises Unavailable without diffusion graphs."""
+        """Yields progress per denoising step (diffusion) or per code row (VQGAN), then the ImageResult.
+        Raises Unavailable (field ``image_model``) when the chosen path's graphs are missing."""
         ...
 
     def forget_user(self, tenant: str, user_id: str) -> int:

@@ -45,6 +45,8 @@ from runtime.types import (
 History = Sequence[HistoryItem | str]
 """History items, oldest first; a str is a catalog id."""
 
+IMAGE_MODELS = {"unspecified": ppb.IMAGE_MODEL_UNSPECIFIED, "vqgan": ppb.IMAGE_MODEL_VQGAN,
+                "diffusion": ppb.IMAGE_MODEL_DIFFUSION}
 _SCHEDULERS = {"ddim": ppb.IMAGE_SCHEDULER_DDIM, "euler": ppb.IMAGE_SCHEDULER_EULER, "pndm": ppb.IMAGE_SCHEDULER_PNDM}
 
 
@@ -286,18 +288,30 @@ class UnimpClient:
         seed: int = 0,
         scheduler: str = "ddim",
         timeout: float | None = None,
+        image_model: str = "unspecified",
+        temperature: float = 0.0,
+        top_p: float | None = None,
     ) -> Generator[ImageProgress | ImageResult, None, None]:
-        """ImageProgress per denoising step, then one ImageResult (PNG and the prompt used).
+        """ImageProgress per denoising step (diffusion) or code row (VQGAN), then one ImageResult (PNG,
+        the prompt used, and for VQGAN the 256 codes).
+
+        ``image_model``: "unspecified" (VQGAN when the server has it, else diffusion), "vqgan" or
+        "diffusion". ``temperature`` / ``top_p`` sample the VQGAN codes (0: greedy, the paper's setting).
 
         Closing the generator early (``close()``, or leaving a ``for`` loop over the call) cancels the RPC
         and the server's work."""
         if scheduler not in _SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(_SCHEDULERS)}, got {scheduler!r}")
+        if image_model not in IMAGE_MODELS:
+            raise ValueError(f"image_model must be one of {', '.join(IMAGE_MODELS)}, got {image_model!r}")
         request = ppb.GenerateImageRequest(user_id=user_id, history=self._history(history), query=query,
                                            negative_prompt=negative_prompt, steps=steps, width=width, height=height,
-                                           seed=seed, scheduler=_SCHEDULERS[scheduler])
+                                           seed=seed, scheduler=_SCHEDULERS[scheduler],
+                                           image_model=IMAGE_MODELS[image_model], temperature=temperature)
         if guidance_scale is not None:
             request.guidance_scale = guidance_scale
+        if top_p is not None:
+            request.top_p = top_p
         for message in self._stream(self._personalization.GenerateImage, request, timeout):
             yield convert.image_event_from_proto(message)
 

@@ -53,6 +53,7 @@ from runtime.types import (
     CancelToken,
     DecodeMode,
     HistoryItem,
+    ImageModel,
     InvalidRequest,
     ItemFilter,
     ItemMeta,
@@ -67,7 +68,6 @@ from runtime.types import (
     SelectResult,
     TextPiece,
     Timings,
-    Unavailable,
 )
 from runtime.vision import LatentStore, VisionEncoder, preprocess
 
@@ -129,6 +129,15 @@ class Runtime:
         self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, progress=config.progress)
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self.scheduler = DecodeScheduler(self.runner, config.max_active, config.max_queued)
+        self._vqgan = None
+        self.codes = None
+        if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:
+            from runtime.vqgan import CodeEncoder, CodeStore, VQGANCodec, default_codes_dir
+
+            self._vqgan = VQGANCodec(open_session(root / graphs["vqgan_encoder"].file, backend),
+                                     open_session(root / graphs["vqgan_decoder"].file, backend), manifest)
+            self.codes = CodeStore.open(default_codes_dir(cache_dir), self._catalog, CodeEncoder(self._vqgan), manifest,
+                                        progress=config.progress, fingerprint=self._vqgan.fingerprint)
         self._diffusion = None
         if "unet" in graphs:
             from runtime.diffusion.pipeline import DiffusionPipeline
@@ -160,6 +169,8 @@ class Runtime:
         self.scheduler.close()
         self.latents.flush()
         self.latents.close()
+        if self.codes is not None:
+            self.codes.close()
         self._catalog.close()
 
     def forget_user(self, tenant: str, user_id: str) -> int:
@@ -684,8 +695,13 @@ class Runtime:
 
     # -- image generation -------------------------------------------------------------------------------
     def generate_image(self, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
-        if self._diffusion is None:
-            raise Unavailable("these artifacts have no diffusion graphs; export with a diffusion model to enable GenerateImage")
-        from runtime.image_task import generate_image
+        """``request.model`` picks the path (runtime.image_task.choose_image_model): VQGAN codes or diffusion."""
+        from runtime.image_task import choose_image_model, generate_image, generate_image_codes
 
+        model = choose_image_model(request.model, self._vqgan is not None, self._diffusion is not None)
+        if model == ImageModel.VQGAN:
+            assert self._vqgan is not None
+            yield from generate_image_codes(self, self._vqgan, request)
+            return
+        assert self._diffusion is not None
         yield from generate_image(self, self._diffusion, request)

@@ -1,4 +1,13 @@
-"""Personalised image generation: the LLM writes a short prompt from the user's history, diffusion renders it."""
+"""Personalised image generation, two paths (``ImageModel``):
+
+* VQGAN (the paper's): the history's images as VQGAN codes in the paper's prompt; the LLM writes exactly
+  grid * grid (256) ``img_k,`` tokens, constrained to the image-code slice at every step (greedy, or
+  sampled with temperature / top_p / seed); the VQGAN decoder turns them into a 256x256 PNG. Progress
+  comes once per code row (16 rows).
+* diffusion: the LLM writes a short prompt from the user's history, diffusion renders it.
+
+With ``ImageModel.UNSPECIFIED`` the VQGAN path is taken when the artifacts have its graphs, else diffusion.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +22,21 @@ from runtime.api import ImageProgress, ImageRequest, ImageResult, require_image_
 from runtime.decoding.detokenize import IncrementalDetokenizer
 from runtime.decoding.sampling import SamplingConfig, TokenGenerator
 from runtime.diffusion.pipeline import DiffusionPipeline, GenerationParams, GenerationResult, StepProgress
-from runtime.prompts import Prompt, ResolvedItem, render_meta, sanitize
-from runtime.types import CancelToken, InvalidRequest
+from runtime.prompts import (
+    IMAGE_CODES_HISTORY,
+    Prompt,
+    ResolvedItem,
+    encode,
+    image_generation_prompt,
+    render_meta,
+    sanitize,
+)
+from runtime.scheduler import check_cancel
+from runtime.types import CancelToken, ImageModel, InvalidRequest, Unavailable
 
 if TYPE_CHECKING:
     from runtime.engine import Runtime
+    from runtime.vqgan import VQGANCodec
 
 PROMPT_TOKENS = 16
 IMAGE_QUESTION = "Query: {query} What is the image description for the query based on the history? <answer>"
@@ -91,3 +110,116 @@ def generate_image(rt: Runtime, pipeline: DiffusionPipeline, request: ImageReque
             timings = {"prompt": prompt_s, **event.timings.as_dict()}
             h, w = event.images.shape[1:3]
             yield ImageResult(event.png(0), prompt, int(w), int(h), timings)
+
+
+# -- VQGAN codes ----------------------------------------------------------------------------------
+
+
+def choose_image_model(requested: object, has_vqgan: bool, has_diffusion: bool) -> ImageModel:
+    """The path a request takes; Unavailable (field ``image_model``) when its graphs are missing."""
+    if not isinstance(requested, ImageModel):
+        choices = ", ".join(m.value for m in ImageModel)
+        raise InvalidRequest(f"image_model: must be an ImageModel ({choices}), got {requested!r}", field="image_model")
+    if requested == ImageModel.VQGAN and not has_vqgan:
+        raise Unavailable("image_model: these artifacts have no VQGAN graphs (vqgan_encoder, vqgan_decoder); "
+                          "export with --vqgan DIR to enable the VQGAN path", field="image_model")
+    if requested == ImageModel.DIFFUSION and not has_diffusion:
+        raise Unavailable("image_model: these artifacts have no diffusion graphs; export with --diffusion DIR "
+                          "to enable the diffusion path", field="image_model")
+    if requested == ImageModel.UNSPECIFIED:
+        if has_vqgan:
+            return ImageModel.VQGAN
+        if has_diffusion:
+            return ImageModel.DIFFUSION
+        raise Unavailable("image_model: these artifacts have no image generation graphs (neither VQGAN nor "
+                          "diffusion); export with --vqgan DIR or --diffusion DIR to enable GenerateImage",
+                          field="image_model")
+    return requested
+
+
+def code_slice_mask(start: int, count: int):  # type: ignore[no-untyped-def]
+    """A logits processor leaving only ids start..start+count-1 (the ``img_k,`` tokens) possible."""
+
+    def mask(ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        out = np.full_like(scores, -np.inf)
+        out[..., start : start + count] = scores[..., start : start + count]
+        return out
+
+    return mask
+
+
+def history_codes(rt: Runtime, codec: VQGANCodec, items: tuple[ResolvedItem, ...]) -> list[list[int]]:
+    """Codes of each item's image: the catalog's from the codes cache, inline ones encoded now."""
+    out: list[list[int]] = [[] for _ in items]
+    catalog = [k for k, i in enumerate(items) if not i.image]
+    inline = [k for k, i in enumerate(items) if i.image]
+    if catalog:
+        assert rt.codes is not None
+        for k, row in zip(catalog, rt.codes.get([items[k].item_id for k in catalog])):
+            out[k] = [int(c) for c in row]
+    if inline:
+        for k, row in zip(inline, codec.encode_images([items[k].image for k in inline])):
+            out[k] = [int(c) for c in row]
+    return out
+
+
+def check_code_sampling(temperature: float, top_p: float) -> None:
+    if not 0 <= temperature <= 5:
+        raise InvalidRequest(f"temperature: must be in 0..5, got {temperature}", field="temperature")
+    if not 0 < top_p <= 1:
+        raise InvalidRequest(f"top_p: must be in (0, 1], got {top_p}", field="top_p")
+
+
+def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
+    """The VQGAN path (see the module docstring): progress per code row, then the PNG."""
+    query = sanitize(request.query)
+    if not query:
+        raise InvalidRequest("query: must not be empty", field="query")
+    check_code_sampling(request.temperature, request.top_p)
+    cancel = request.cancel if isinstance(request.cancel, CancelToken) else None
+    t_start = time.perf_counter()
+    history = rt._resolve(tuple(request.history)) if request.history else ()
+    items = tuple(i for i in history if i.has_image)[-IMAGE_CODES_HISTORY:]
+    prompt = image_generation_prompt(items, history_codes(rt, codec, items), query)
+    t = rt.manifest.tokens
+    settings = codec.settings
+    total = settings.num_codes
+    length = len(encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids)
+    if length + total > rt.manifest.decoder.max_positions:
+        raise InvalidRequest(f"history: the prompt is {length} tokens and {total} image codes follow it; the model "
+                             f"has {rt.manifest.decoder.max_positions} positions", field="history")
+    if t.image_codes_start < 0:
+        raise Unavailable("image_model: the vocabulary has no image-code tokens (img_0,..)", field="image_model")
+    prompt_s = time.perf_counter() - t_start
+    pre = rt._prefill(prompt, tenant="", cancel=cancel)
+    config = SamplingConfig(request.temperature, request.top_p, request.seed, max_new_tokens=total, eos_token_id=None)
+    mask = code_slice_mask(t.image_codes_start, settings.n_embed)
+    t0 = time.perf_counter()
+    with rt.scheduler.admit(cancel) as slot:
+        slot.track(pre.state)
+        holder = {"state": pre.state}
+
+        def advance(tokens: np.ndarray) -> np.ndarray:
+            out, holder["state"] = slot.step(holder["state"], tokens, cancel)
+            return out[0]
+
+        gen = TokenGenerator(pre.logits, advance, config, cancel=cancel, logits_processor=mask)
+        for produced, _ in enumerate(gen, start=1):
+            if produced % settings.grid == 0:
+                yield ImageProgress(produced // settings.grid, settings.grid)
+        if gen.finish_reason == "cancelled":
+            check_cancel(cancel)
+    codes_s = time.perf_counter() - t0
+    codes = np.asarray(gen.tokens, np.int64) - t.image_codes_start
+    if codes.shape != (total,) or codes.min() < 0 or codes.max() >= settings.n_embed:
+        raise RuntimeError(f"generated {codes.shape[0]} codes, expected {total} in 0..{settings.n_embed - 1}")
+    t1 = time.perf_counter()
+    pixels = codec.decode(codes[None])[0]
+    decode_s = time.perf_counter() - t1
+    from runtime.vqgan import to_png
+
+    png = to_png(pixels)
+    timings = {"prompt": prompt_s, "vision": pre.vision_s, "prefill": pre.prefill_s, "codes": codes_s,
+               "vqgan_decoder": decode_s, "total": time.perf_counter() - t_start}
+    yield ImageResult(png, prompt.text, int(pixels.shape[2]), int(pixels.shape[1]), timings,
+                      codes=tuple(int(c) for c in codes))

@@ -165,7 +165,8 @@ class Manifest:
     decoder: DecoderDims
     tokens: TokenIds
     graphs: dict[str, GraphEntry]
-    """Keys: "vision", "media_kv", "decoder"; optionally "text_encoder", "unet", "vae_decoder"."""
+    """Keys: "vision", "media_kv", "decoder"; optionally "text_encoder", "unet", "vae_decoder" (diffusion)
+    and "vqgan_encoder", "vqgan_decoder" (VQGAN image codes; settings in their ``extra``)."""
     files: dict[str, str]
     """Other files (tokenizer, catalog) -> sha256."""
     names: DecoderNames = field(default_factory=DecoderNames)

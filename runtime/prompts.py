@@ -15,6 +15,7 @@ written together, ``<image> {meta} item_aitem_bitem_citem_last_d <|endofchunk|> 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,9 @@ PREFERENCE_QUESTION = "<image> {meta} What is the rating and explanation for the
 SELECT_INTRO = "User history: "
 SELECT_FROM = "Select from: "
 SELECT_QUESTION = "Can you select the suitable item from above for the user? <answer> "
+IMAGE_CODES_QUESTION = "Query: {query} What is the generated Image ID to the query based on the history? <answer>"
+IMAGE_CODES_HISTORY = 2
+"""History chunks of the image-generation prompt (the paper uses two)."""
 
 
 _SPECIALS = ("<image>", "<|endofchunk|>", "<answer>", "<|endoftext|>", "<PAD>")
@@ -196,6 +200,33 @@ def selection_prompt(
         f"{c.image_tag}Selection s_{k} {render_meta(c.meta)} <|endofchunk|> " for k, c in enumerate(candidates)
     )
     return _prompt(prefix, SELECT_FROM + options + SELECT_QUESTION, items, candidates)
+
+
+def image_code_text(codes: Sequence[int]) -> str:
+    """``img_a,img_b,...``: one ``img_k,`` token per code (the comma belongs to the token), no spaces."""
+    return "".join(f"img_{int(k)}," for k in codes)
+
+
+def image_generation_prompt(
+    history: tuple[ResolvedItem, ...], codes: Sequence[Sequence[int]], query: str,
+    max_history: int = IMAGE_CODES_HISTORY,
+) -> Prompt:
+    """The paper's image-generation prompt: per history item (the newest ``max_history``, each with an
+    image, and ``codes[i]`` its VQGAN codes) ``<image> Title {title} ID img_a,img_b,... <|endofchunk|> ``,
+    then ``Query: {keywords} What is the generated Image ID to the query based on the history? <answer>``.
+    """
+    if len(codes) != len(history):
+        raise ValueError(f"{len(history)} history items but {len(codes)} code lists")
+    if not sanitize(query):
+        raise InvalidRequest("query: must not be empty", field="query")
+    keep = max(0, len(history) - max_history) if max_history > 0 else 0
+    items, item_codes = history[keep:], codes[keep:]
+    if any(not i.has_image for i in items):
+        raise ValueError("every image-generation history item needs an image")
+    prefix = "".join(
+        f"<image> Title {_field(i.meta.title)} ID {image_code_text(c)} <|endofchunk|> " for i, c in zip(items, item_codes)
+    )
+    return _prompt(prefix, IMAGE_CODES_QUESTION.format(query=sanitize(query)), items)
 
 
 def encode(prompt: Prompt, tokenizer: Tokenizer, endofchunk_id: int, image_id: int) -> EncodedPrompt:

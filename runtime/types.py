@@ -50,6 +50,17 @@ class ImageScheduler(str, Enum):
         raise ValueError(f"unknown scheduler {value!r}; choose one of {', '.join(image_scheduler_choices())}")
 
 
+class ImageModel(str, Enum):
+    """Which image-generation path GenerateImage takes."""
+
+    UNSPECIFIED = "unspecified"
+    """Whatever the artifacts have; VQGAN (the paper's path) when they have both."""
+    VQGAN = "vqgan"
+    """The LLM writes 16x16 VQGAN code tokens (``img_k,``), the VQGAN decoder draws them (256x256)."""
+    DIFFUSION = "diffusion"
+    """The LLM writes a short text prompt, latent diffusion renders it."""
+
+
 _SCHEDULER_ALIASES = {"euler_a": "euler_ancestral", "dpm++_2m": "dpmpp_2m", "dpmsolver++": "dpmpp_2m", "plms": "pndm"}
 
 

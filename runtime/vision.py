@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Self
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -118,6 +118,17 @@ class VisionEncoder:
         """Session runs so far."""
         self.images_encoded = 0
 
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one image's output: (num_latents, width)."""
+        return (self.num_latents, self.width)
+
+    dtype = LATENT_DTYPE
+
+    def preprocess_one(self, image: ImageInput) -> np.ndarray:
+        """One image -> (3, S, S) float32 with this model's size and normalisation."""
+        return preprocess_one(image, self.image_size, self.mean, self.std)
+
     def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
         """(N,) images -> (N, 3, S, S) float32 with this model's size and normalisation."""
         return preprocess(images, self.image_size, self.mean, self.std)
@@ -144,6 +155,30 @@ class VisionEncoder:
 
 
 # -- persistent latent store -----------------------------------------------------------------------
+
+
+class ItemEncoder(Protocol):
+    """What a store encodes catalog images with (VisionEncoder; runtime.vqgan.CodeEncoder for codes)."""
+
+    @property
+    def item_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def dtype(self) -> type:
+        """numpy scalar type of the stored arrays."""
+        ...
+
+    def preprocess_one(self, image: ImageInput) -> np.ndarray: ...
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray: ...
 
 
 class ImageCatalog(Protocol):
@@ -223,6 +258,9 @@ def _catalog_images(catalog: ImageCatalog, page_size: int = 1000) -> Iterator[st
 class LatentStore:
     """Media latents of every catalog item, memory-mapped from ``cache_dir``; thread-safe.
 
+    The encoder decides what is stored per image (its ``item_shape`` and ``dtype``); subclasses change
+    the shard file prefix (``runtime.vqgan.CodeStore`` keeps VQGAN codes the same way).
+
     On-disk layout: ``index.json`` ({fingerprint, shape, shards, items: id -> [shard, row, image digest]})
     and append-only shards ``latents-<uuid>.npy`` of shape (rows, num_latents, width). Shards are written
     to a temporary name and renamed before the index (itself replaced atomically) refers to them, so a
@@ -230,11 +268,13 @@ class LatentStore:
     on-demand encodes, persisted by ``flush``) first, then in the shards.
     """
 
+    SHARD_PREFIX = "latents-"
+
     def __init__(
         self,
         cache_dir: Path,
         catalog: ImageCatalog,
-        encoder: VisionEncoder,
+        encoder: ItemEncoder,
         fingerprint: str,
         shard_items: int,
     ) -> None:
@@ -242,7 +282,8 @@ class LatentStore:
         self._catalog = catalog
         self._encoder = encoder
         self._fingerprint = fingerprint
-        self._shape = (encoder.num_latents, encoder.width)
+        self._shape = tuple(encoder.item_shape)
+        self._dtype = np.dtype(encoder.dtype)
         self._shard_items = shard_items
         self._lock = threading.RLock()
         self._rows: dict[str, _Row] = {}
@@ -260,11 +301,12 @@ class LatentStore:
         cls,
         cache_dir: Path,
         catalog: ImageCatalog,
-        encoder: VisionEncoder,
+        encoder: ItemEncoder,
         manifest: Manifest,
         progress: bool = True,
         shard_items: int = 4096,
-    ) -> LatentStore:
+        fingerprint: str | None = None,
+    ) -> Self:
         """Open (or build) the store for ``catalog``: encode, in batches, every item whose latents are missing
         or stale, persist them, and subscribe to the catalog's image changes.
 
@@ -273,10 +315,11 @@ class LatentStore:
         """
         cache_dir = Path(cache_dir)
         if not _writable_dir(cache_dir):
-            fallback = Path(tempfile.mkdtemp(prefix="unimp-latents-"))
+            fallback = Path(tempfile.mkdtemp(prefix=f"unimp-{cls.SHARD_PREFIX}"))
             log.warning("latent cache %s is not writable; using %s for this process", cache_dir, fallback)
             cache_dir = fallback
-        store = cls(cache_dir, catalog, encoder, vision_fingerprint(manifest), max(1, shard_items))
+        key = fingerprint if fingerprint is not None else vision_fingerprint(manifest)
+        store = cls(cache_dir, catalog, encoder, key, max(1, shard_items))
         store._load_index()
         store._fill(progress)
         catalog.on_image_change(store.invalidate)
@@ -303,7 +346,7 @@ class LatentStore:
             self._reset()
             return
         for name in index.get("shards", []):
-            if not (isinstance(name, str) and name.startswith("latents-") and name.endswith(".npy") and "/" not in name):
+            if not (isinstance(name, str) and name.startswith(self.SHARD_PREFIX) and name.endswith(".npy") and "/" not in name):
                 log.warning("latent cache index %s names an unexpected shard %r; ignoring it", path, name)
                 continue
             try:
@@ -311,7 +354,7 @@ class LatentStore:
             except (OSError, ValueError) as exc:
                 log.warning("latent shard %s is unreadable (%s); its items will be re-encoded", name, exc)
                 continue
-            if array.ndim != 3 or tuple(array.shape[1:]) != self._shape or array.dtype != LATENT_DTYPE:
+            if array.ndim != 1 + len(self._shape) or tuple(array.shape[1:]) != self._shape or array.dtype != self._dtype:
                 log.warning("latent shard %s has shape %s %s; ignoring it", name, array.shape, array.dtype)
                 continue
             self._shards[name] = array
@@ -328,7 +371,7 @@ class LatentStore:
 
     def _reset(self) -> None:
         """Forget every persisted latent (a different vision graph, or a corrupt index)."""
-        for pattern in ("latents-*.npy", "*.tmp.npy", INDEX_NAME):
+        for pattern in (f"{self.SHARD_PREFIX}*.npy", "*.tmp.npy", INDEX_NAME):
             for path in self.cache_dir.glob(pattern):
                 try:
                     path.unlink()
@@ -358,10 +401,10 @@ class LatentStore:
             bar.close()
 
     def _write_shard(self, items: list[tuple[str, str]], bar: tqdm) -> None:
-        name = f"latents-{uuid.uuid4().hex}.npy"
+        name = f"{self.SHARD_PREFIX}{uuid.uuid4().hex}.npy"
         tmp = self.cache_dir / f"{name[:-4]}.tmp.npy"
         # (rows, n_lat, D) written in place so that a large catalog never sits in memory at once
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=LATENT_DTYPE, shape=(len(items), *self._shape))
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=self._dtype, shape=(len(items), *self._shape))
         written: list[int] = []  # rows that hold latents; undecodable images leave a dead row
         for start in range(0, len(items), self._encoder.max_batch):
             chunk = items[start : start + self._encoder.max_batch]
@@ -393,7 +436,7 @@ class LatentStore:
         e = self._encoder
         for i, item_id in enumerate(item_ids):
             try:
-                arrays.append(preprocess_one(self._catalog.image(item_id), e.image_size, e.mean, e.std))
+                arrays.append(e.preprocess_one(self._catalog.image(item_id)))
                 ok.append(i)
             except (InvalidRequest, NotFound) as exc:
                 log.warning("catalog item %s: no latents (%s)", item_id, exc)
@@ -407,7 +450,7 @@ class LatentStore:
             "format": INDEX_FORMAT,
             "fingerprint": self._fingerprint,
             "shape": list(self._shape),
-            "dtype": np.dtype(LATENT_DTYPE).name,
+            "dtype": self._dtype.name,
             "shards": sorted(self._shards),
             "items": {k: [r.shard, r.row, r.digest] for k, r in self._rows.items()},
         }
@@ -417,8 +460,8 @@ class LatentStore:
 
     # -- lookups -----------------------------------------------------------------------------------
     @property
-    def shape(self) -> tuple[int, int]:
-        """(num_latents, width) of one item's latents."""
+    def shape(self) -> tuple[int, ...]:
+        """Shape of one item's entry: (num_latents, width) for latents."""
         return self._shape
 
     def __contains__(self, item_id: object) -> bool:
@@ -435,7 +478,7 @@ class LatentStore:
         Items without cached latents are encoded from their catalog image (and kept in the overlay);
         an id with neither raises NotFound(field="item_id").
         """
-        out = np.empty((len(item_ids), *self._shape), dtype=LATENT_DTYPE)  # (B, n_lat, D)
+        out = np.empty((len(item_ids), *self._shape), dtype=self._dtype)  # (B, n_lat, D)
         missing: dict[str, list[int]] = {}
         with self._lock:
             epoch = self._epoch
@@ -483,8 +526,8 @@ class LatentStore:
         or "" for items outside the catalog); a digest that no longer matches the catalog is re-encoded on
         the next open.
         """
-        array = np.asarray(latents, dtype=LATENT_DTYPE)
-        if array.ndim == 3 and array.shape[0] == 1:
+        array = np.asarray(latents, dtype=self._dtype)
+        if array.ndim == 1 + len(self._shape) and array.shape[0] == 1:
             array = array[0]
         if array.shape != self._shape:
             raise ValueError(f"latents for {item_id!r} must have shape {self._shape}, got {np.shape(latents)}")
@@ -516,7 +559,7 @@ class LatentStore:
                 return
             pending = dict(self._overlay)
             if pending:
-                name = f"latents-{uuid.uuid4().hex}.npy"
+                name = f"{self.SHARD_PREFIX}{uuid.uuid4().hex}.npy"
                 tmp = self.cache_dir / f"{name[:-4]}.tmp.npy"
                 np.save(tmp, np.stack([p.latents for p in pending.values()]))  # (M, n_lat, D)
                 os.replace(tmp, self.cache_dir / name)
@@ -534,10 +577,10 @@ class LatentStore:
 
     def _compact(self) -> None:
         """Rewrite the live rows into one shard (the lock is held)."""
-        name = f"latents-{uuid.uuid4().hex}.npy"
+        name = f"{self.SHARD_PREFIX}{uuid.uuid4().hex}.npy"
         tmp = self.cache_dir / f"{name[:-4]}.tmp.npy"
         ids = list(self._rows)
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=LATENT_DTYPE, shape=(len(ids), *self._shape))
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=self._dtype, shape=(len(ids), *self._shape))
         for i, item_id in enumerate(ids):
             r = self._rows[item_id]
             array[i] = self._shards[r.shard][r.row]

@@ -19,6 +19,16 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_artifacts_with_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo exported once with its seeded VQGAN graphs (the paper's image-code path)."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo_vqgan")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, with_vqgan=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_reference(tiny_artifacts: Path):  # type: ignore[no-untyped-def]
     """The PyTorch reference model of the tiny demo (loaded from its checkpoint directory)."""
     import torch

@@ -7,7 +7,8 @@ Two kinds of work are bounded separately, so one kind can never starve the other
 - **model** RPCs (everything else) take one of ``max_inflight`` slots and also hold their **cost**
   (``request_cost``), in decode row-steps, against the ``max_inflight_cost`` budget: Explain costs
   ``num_beams x max_new_tokens``, Recommend and Search in a beam mode ``num_beams x max_new_tokens``,
-  GenerateImage its denoising ``steps``, and anything else 1. A request whose cost does not fit in what
+  GenerateImage its denoising ``steps`` (256, its code tokens, with ``image_model`` VQGAN), and anything
+  else 1. A request whose cost does not fit in what
   is left of the budget is refused with RESOURCE_EXHAUSTED, except when no other model request holds
   any budget: a single request larger than the budget still runs, alone.
 
@@ -34,6 +35,8 @@ CHEAP_RPCS = frozenset({"RecordInteraction", "UpsertItem", "GetItem", "ListItems
 # The defaults a request runs with when it leaves a field 0 (the engine's own request defaults).
 _DEFAULT_EXPLAIN_TOKENS = SamplingOptions().max_new_tokens
 _DEFAULT_BEAM_TOKENS = {"Recommend": BeamOptions().max_new_tokens, "Search": SEARCH_BEAM_MAX_NEW_TOKENS}
+VQGAN_CODE_STEPS = 256
+"""Decode steps of a GenerateImage on the VQGAN path (16x16 code tokens)."""
 _DEFAULT_IMAGE_STEPS = int(ImageRequest.__dataclass_fields__["steps"].default)  # type: ignore[arg-type]
 
 
@@ -59,6 +62,8 @@ def request_cost(rpc: str, raw: bytes, limits: LimitsConfig) -> int:
             return beams * _clamp(options.beam.max_new_tokens, _DEFAULT_BEAM_TOKENS[rpc], limits.max_new_tokens)
         if rpc == "GenerateImage":
             image = ppb.GenerateImageRequest.FromString(raw)
+            if image.image_model == ppb.IMAGE_MODEL_VQGAN:
+                return VQGAN_CODE_STEPS
             return _clamp(image.steps, _DEFAULT_IMAGE_STEPS, limits.max_image_steps)
     except DecodeError:
         return 1

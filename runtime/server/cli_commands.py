@@ -224,6 +224,11 @@ def add_client_arguments(parser: argparse.ArgumentParser) -> None:
             p.add_argument("--width", type=int, default=0)
             p.add_argument("--height", type=int, default=0)
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--image-model", choices=["unspecified", "vqgan", "diffusion"], default="unspecified",
+                           help="image path: VQGAN codes (the paper's) or diffusion; unspecified: VQGAN when the "
+                                "server has it")
+            p.add_argument("--temperature", type=float, default=0.0, help="VQGAN: 0 greedy, else sample the codes")
+            p.add_argument("--top-p", type=float, default=None, help="VQGAN: nucleus mass when sampling")
             p.add_argument("--out", type=Path, default=Path("generated.png"), help="PNG output file")
         elif name == "record-interaction":
             p.add_argument("--user", required=True)
@@ -321,11 +326,14 @@ def run_client(args: argparse.Namespace) -> int:
             elif rpc == "generate-image":
                 for image_event in client.generate_image(args.query, _history(args), user_id=args.user,
                                                          negative_prompt=args.negative_prompt, steps=args.steps,
-                                                         width=args.width, height=args.height, seed=args.seed):
+                                                         width=args.width, height=args.height, seed=args.seed,
+                                                         image_model=args.image_model,
+                                                         temperature=args.temperature, top_p=args.top_p):
                     if isinstance(image_event, ImageResult):
                         args.out.write_bytes(image_event.png)
                         _emit({"image": str(args.out), "prompt": image_event.prompt,
-                               "width": image_event.width, "height": image_event.height})
+                               "width": image_event.width, "height": image_event.height,
+                               "stage_seconds": image_event.timings})
                     else:
                         _emit(image_event)
             elif rpc == "record-interaction":

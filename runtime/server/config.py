@@ -158,7 +158,8 @@ class ServerConfig:
         default=16384,
         metadata=_help(
             "budget of model work in flight, in decode row-steps: Explain holds num_beams x max_new_tokens, "
-            "Recommend/Search in beam mode num_beams x max_new_tokens, GenerateImage its steps, other RPCs 1; "
+            "Recommend/Search in beam mode num_beams x max_new_tokens, GenerateImage its steps (256 code tokens "
+            "with image_model VQGAN), other RPCs 1; "
             "a request that does not fit gets RESOURCE_EXHAUSTED, unless no other model request runs"
         ),
     )

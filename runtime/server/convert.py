@@ -37,6 +37,7 @@ from runtime.types import (
     CancelToken,
     DecodeMode,
     HistoryItem,
+    ImageModel,
     InvalidRequest,
     ItemFilter,
     ItemMeta,
@@ -70,6 +71,8 @@ _MODE_PROTOS = {DecodeMode.FAST: ppb.DECODE_MODE_FAST, DecodeMode.BEAM: ppb.DECO
                 DecodeMode.BEAM_CONSTRAINED: ppb.DECODE_MODE_BEAM_CONSTRAINED}
 _SCHEDULERS = {ppb.IMAGE_SCHEDULER_UNSPECIFIED: ImageScheduler.DDIM, ppb.IMAGE_SCHEDULER_DDIM: ImageScheduler.DDIM,
                ppb.IMAGE_SCHEDULER_EULER: ImageScheduler.EULER, ppb.IMAGE_SCHEDULER_PNDM: ImageScheduler.PNDM}
+_IMAGE_MODELS = {ppb.IMAGE_MODEL_UNSPECIFIED: ImageModel.UNSPECIFIED, ppb.IMAGE_MODEL_VQGAN: ImageModel.VQGAN,
+                 ppb.IMAGE_MODEL_DIFFUSION: ImageModel.DIFFUSION}
 _FINISH = {"eos": ppb.FINISH_REASON_EOS, "length": ppb.FINISH_REASON_LENGTH,
            "cancelled": ppb.FINISH_REASON_CANCELLED}
 _IMAGE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(ImageRequest)}
@@ -419,6 +422,9 @@ def image_request(
         seed=msg.seed,
         scheduler=_check_enum(msg.scheduler, _SCHEDULERS, "scheduler"),
         cancel=cancel,
+        model=_check_enum(msg.image_model, _IMAGE_MODELS, "image_model"),
+        temperature=_check_float(msg.temperature, "temperature", 0.0, 5.0),
+        top_p=_check_float(msg.top_p, "top_p", 0.0, 1.0, low_open=True) if msg.HasField("top_p") else 1.0,
     )
 
 
@@ -495,7 +501,7 @@ def image_event(event: ImageProgress | ImageResult) -> ppb.GenerateImageResponse
         return ppb.GenerateImageResponse(progress=ppb.GenerationProgress(step=event.step, total_steps=event.total))
     return ppb.GenerateImageResponse(image=ppb.GeneratedImage(
         png=event.png, prompt=event.prompt, width=event.width, height=event.height,
-        stage_seconds={str(k): float(v) for k, v in event.timings.items()}))
+        stage_seconds={str(k): float(v) for k, v in event.timings.items()}, codes=list(event.codes)))
 
 
 def catalog_item_to_proto(item: CatalogItem) -> cpb.CatalogItem:
@@ -628,7 +634,7 @@ def image_event_from_proto(msg: ppb.GenerateImageResponse) -> ImageProgress | Im
     if msg.WhichOneof("event") == "image":
         img = msg.image
         return ImageResult(png=img.png, prompt=img.prompt, width=img.width, height=img.height,
-                           timings=dict(img.stage_seconds))
+                           timings=dict(img.stage_seconds), codes=tuple(img.codes))
     return ImageProgress(step=msg.progress.step, total=msg.progress.total_steps)
 
 

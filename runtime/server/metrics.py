@@ -80,7 +80,7 @@ class ServerMetrics:
         self.stage_seconds = Histogram(
             "unimp_stage_seconds",
             "Time per pipeline stage: vision, prefill, decode (text tasks); prompt, text_encoder, unet_per_step, "
-            "vae_decoder (image generation)",
+            "vae_decoder (diffusion); prompt, prefill, codes, vqgan_decoder (VQGAN image codes)",
             ["rpc", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.inflight = Gauge("unimp_inflight_requests", "Model requests admitted to the engine and not yet finished",
                               registry=r)

@@ -95,7 +95,8 @@ class Call:
     pieces: int = 0
     timings: Timings | None = None
     stage_timings: dict[str, float] = field(default_factory=dict)
-    """Image generation's per-component seconds (prompt, text_encoder, unet_per_step, vae_decoder)."""
+    """Image generation's per-component seconds (prompt, text_encoder, unet_per_step, vae_decoder; VQGAN:
+    prompt, prefill, codes, vqgan_decoder)."""
     stored_history: int = 0
     """Stored interactions at the start of the engine's history (maps its indices to request paths)."""
     cost: int = 0
@@ -574,7 +575,8 @@ class Servicer:
                 for event in events:
                     if isinstance(event, ImageResult):
                         call.stage_timings = {k: v for k, v in event.timings.items()
-                                              if k in ("prompt", "text_encoder", "unet_per_step", "vae_decoder")}
+                                              if k in ("prompt", "text_encoder", "unet_per_step", "vae_decoder",
+                                                       "prefill", "codes", "vqgan_decoder")}
                     yield convert.image_event(event)
         finally:
             close = getattr(events, "close", None)
