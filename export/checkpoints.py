@@ -8,6 +8,7 @@ A checkpoint directory (see README, "Checkpoint directory") holds::
     checkpoint.pt           OpenFlamingo release weights (perceiver, gated cross-attention, embeddings)
     weights_epoch_N.pt      optional UniMP delta (trainable tensors only); the highest N is used
     catalog/items.jsonl     the items the model's item_k tokens refer to, with catalog/images/
+    shop/*.jsonl            optional: shoppers split into train / validation / test (see export.shop)
 
 Sources are applied in that order (vision, lm, checkpoint.pt, delta): later files override earlier ones.
 """
@@ -384,19 +385,34 @@ def write_checkpoint_dir(
     (out / UNIMP_JSON).write_text(json.dumps(meta, indent=2))
 
 
-def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int | None = None) -> Path:
-    """A seeded UniMP-shaped checkpoint directory with a local tokenizer and a synthetic catalog."""
+DEMO_USERS = {"tiny": 3000, "small": 20000}
+"""Shoppers per demo preset (split 80 / 10 / 10 into train / validation / test)."""
+
+
+def build_demo_checkpoint(
+    out: Path, preset: str, seed: int = 0, num_items: int | None = None, trained: bool = False,
+    train_config: Any = None, progress: bool = False,
+) -> Path:
+    """A seeded UniMP-shaped checkpoint directory with a local tokenizer, a synthetic catalog and shop.
+
+    ``trained``: train the model on the shop's train split (``export.train``); otherwise the weights are
+    the seeded random ones (flat logits). Either way the weights are written in the checkpoint directory
+    layout and read back by ``load_checkpoint`` like a real release. ``train_config`` (an
+    ``export.train.TrainConfig``) defaults to the preset's (``export.train.PRESETS``).
+    """
     from export.catalog import build_catalog, catalog_corpus
     from export.modeling.config import small_config, tiny_config
+    from export.shop import build_shop
     from export.vocab import train_demo_tokenizer
 
-    presets = {"tiny": (tiny_config, 200, 600), "small": (small_config, 2000, 8000)}
+    presets = {"tiny": (tiny_config, 200, 1200), "small": (small_config, 2000, 8000)}
     if preset not in presets:
         raise CheckpointError(f"unknown demo preset {preset!r}; choose one of {', '.join(presets)}")
     make_config, default_items, bpe_size = presets[preset]
     n_items = num_items or default_items
     out = Path(out)
     records = build_catalog(out / "catalog", n_items, seed=seed)
+    build_shop(out / "shop", records, DEMO_USERS[preset], seed=seed)
     base = train_demo_tokenizer(catalog_corpus(records), bpe_size)
     base_vocab = base.get_vocab_size(with_added_tokens=True)
     full = Tokenizer.from_str(base.to_str())
@@ -405,9 +421,22 @@ def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int 
     torch.manual_seed(seed)
     model = UniMP(cfg).eval()
     randomize(model, seed)
+    training: dict[str, Any] = {"trained": False}
+    if trained:
+        from dataclasses import asdict, replace
+
+        from export.shop import read_split
+        from export.train import PRESETS, ShopExamples, catalog_pixels, train
+
+        tc = replace(train_config or PRESETS[preset], seed=seed)
+        examples = ShopExamples(records, full, vocab, tc.max_history)
+        pixels = catalog_pixels(out / "catalog", records, cfg.vision.image_size)
+        result = train(model, examples, read_split(out / "shop", "train"), pixels, tc, progress=progress)
+        training = {"trained": True, "config": asdict(tc), "seconds": round(result.seconds, 1),
+                    "first_loss": round(result.first_loss, 4), "last_loss": round(result.last_loss, 4)}
     v = cfg.vision
     meta = {
-        "name": f"unimp-demo-{preset}",
+        "name": f"unimp-demo-{preset}" + ("" if trained else "-untrained"),
         "num_items": n_items,
         "cross_attn_every_n_layers": cfg.lm.cross_attn_every_n_layers,
         "vision": {
@@ -420,8 +449,7 @@ def build_demo_checkpoint(out: Path, preset: str, seed: int = 0, num_items: int 
             "quick_gelu": v.quick_gelu,
             "ln_post_on_tokens": v.ln_post_on_tokens,
         },
-        "demo": {"preset": preset, "seed": seed},
+        "demo": {"preset": preset, "seed": seed, **training},
     }
     write_checkpoint_dir(out, model, base, base_vocab, meta)
     return out
-

@@ -75,12 +75,15 @@ def export_checkpoint(
 
     steps.set_postfix_str("tokenizer and catalog")
     loaded.tokenizer.save(str(out / "tokenizer.json"))
-    if (out / "catalog").resolve() != (ckpt / "catalog").resolve():
-        shutil.copytree(ckpt / "catalog", out / "catalog", dirs_exist_ok=True)
+    copied = ["catalog"] + (["shop"] if (ckpt / "shop").is_dir() else [])
+    for name in copied:
+        if (out / name).resolve() != (ckpt / name).resolve():
+            shutil.copytree(ckpt / name, out / name, dirs_exist_ok=True)
     files = {"tokenizer.json": sha256_file(out / "tokenizer.json")}
-    for path in sorted((out / "catalog").rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            files[str(path.relative_to(out))] = sha256_file(path)
+    for name in copied:
+        for path in sorted((out / name).rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                files[str(path.relative_to(out))] = sha256_file(path)
     diffusion_meta: dict[str, Any] = {}
     if diffusion is not None:
         from export.diffusion import export_diffusion
@@ -135,13 +138,20 @@ def export_checkpoint(
     return manifest
 
 
-def export_demo(preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True) -> Manifest:
-    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``."""
+def export_demo(
+    preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True, trained: bool = False,
+) -> Manifest:
+    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
+
+    ``trained``: train it on the synthetic shop first (what ``unimp export --demo`` does); the default keeps
+    the seeded random weights (fast, flat logits: what most tests want).
+    """
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
-        print(f"building the {preset} demo checkpoint in {ckpt} ...", flush=True)
-    build_demo_checkpoint(ckpt, preset, seed=seed)
+        kind = "trained" if trained else "untrained"
+        print(f"building the {kind} {preset} demo checkpoint in {ckpt} ...", flush=True)
+    build_demo_checkpoint(ckpt, preset, seed=seed, trained=trained, progress=progress)
     diffusion_dir = None
     if with_diffusion:
         try:
@@ -150,7 +160,7 @@ def export_demo(preset: str, out: Path, seed: int = 0, progress: bool = True, wi
             log.warning("diffusers is not installed; the demo is exported without image generation")
         else:
             diffusion_dir = build_demo_diffusion(ckpt / "diffusion", seed=seed)
-    return export_checkpoint(ckpt, out, progress=progress, source={"demo": preset, "seed": seed}, diffusion=diffusion_dir)
+    return export_checkpoint(ckpt, out, progress=progress, source={"demo": preset, "seed": seed, "trained": trained}, diffusion=diffusion_dir)
 
 
 def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def _export(args: argparse.Namespace) -> int:
     try:
         if args.demo:
             manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
-                                   with_diffusion=not args.no_diffusion)
+                                   with_diffusion=not args.no_diffusion, trained=not args.untrained)
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
                                          diffusion=args.diffusion)
@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diffusion", type=Path, default=None,
                    help="diffusers-format directory to export for image generation (with --checkpoint)")
     p.add_argument("--no-diffusion", action="store_true", help="with --demo: skip the demo diffusion model")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer and catalog")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer, catalog and shop")
+    p.add_argument("--untrained", action="store_true",
+                   help="with --demo: keep the seeded random weights instead of training on the synthetic shop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_export)
 
