@@ -41,7 +41,7 @@ from export.catalog import CATEGORIES, COLORS, NOUNS, CatalogRecord
 
 SPLITS = ("train", "validation", "test")
 PRICE_BANDS = ("budget", "mid-range", "premium")
-SHARPNESS = 2.5
+SHARPNESS = 3.0
 """Inverse temperature of item choice: higher makes shoppers more predictable."""
 HISTORY_RANGE = (4, 8)
 """Inclusive bounds of a shopper's history length."""

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -60,9 +61,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     gamma: float = 2.0
     """Focal exponent: each token's loss is scaled by (1 - p)^gamma."""
-    task_mix: tuple[float, float, float, float] = (0.35, 0.3, 0.2, 0.15)
+    task_mix: tuple[float, float, float, float] = (0.35, 0.2, 0.15, 0.3)
     """Sampling probabilities of recommend, search, preference, selection examples."""
-    task_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    task_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.5)
     """Loss weight per task (same order)."""
     slice_weight: float = 1.0
     """Weight of the restricted-softmax loss at the ``<answer>`` position."""
@@ -77,7 +78,7 @@ class TrainConfig:
 
 PRESETS = {
     "tiny": TrainConfig(steps=300, batch_size=16, lr=3e-3),
-    "small": TrainConfig(steps=400, batch_size=16, lr=5e-4, warmup=40),
+    "small": TrainConfig(steps=300, batch_size=8, lr=5e-4, warmup=30),
 }
 """Training recipe per demo preset (``tiny``: about a minute or two on 2 cores)."""
 
@@ -421,3 +422,30 @@ def quick_metrics(
         out["selection_f1"] = float(np.mean(f1))
         out["selection_random_f1"] = float(np.mean(rand_f1))
     return out
+
+
+def measure_checkpoint(ckpt: Path, split: str = "test") -> dict[str, float]:
+    """``quick_metrics`` of a demo checkpoint directory (with its ``shop/``) on one split."""
+    from export.checkpoints import load_checkpoint
+    from export.shop import read_split
+
+    ckpt = Path(ckpt)
+    loaded = load_checkpoint(ckpt)
+    lines = (ckpt / "catalog" / "items.jsonl").read_text().splitlines()
+    records = [CatalogRecord(**json.loads(line)) for line in lines]
+    examples = ShopExamples(records, loaded.tokenizer, loaded.vocab)
+    model = loaded.model
+    pixels = catalog_pixels(ckpt / "catalog", records, model.cfg.vision.image_size)
+    with torch.no_grad():
+        media = torch.cat([model.encode_images(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
+    return quick_metrics(model, examples, read_split(ckpt / "shop", "train"), read_split(ckpt / "shop", split), media)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="quick held-out metrics of a demo checkpoint (PyTorch reference)")
+    parser.add_argument("checkpoint", type=Path, help="demo checkpoint directory (ART/checkpoint)")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    args = parser.parse_args()
+    print(json.dumps(measure_checkpoint(args.checkpoint, args.split), indent=2))
