@@ -61,9 +61,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     gamma: float = 2.0
     """Focal exponent: each token's loss is scaled by (1 - p)^gamma."""
-    task_mix: tuple[float, float, float, float] = (0.35, 0.2, 0.15, 0.3)
+    task_mix: tuple[float, float, float, float] = (0.45, 0.25, 0.15, 0.15)
     """Sampling probabilities of recommend, search, preference, selection examples."""
-    task_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.5)
+    task_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     """Loss weight per task (same order)."""
     slice_weight: float = 1.0
     """Weight of the restricted-softmax loss at the ``<answer>`` position."""
