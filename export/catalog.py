@@ -134,7 +134,4 @@ def catalog_corpus(records: list[CatalogRecord]) -> list[str]:
         "I love this product, great quality and fits well. Not what I expected, it broke after a week.",
         "The colour is lovely and the price is fair. Comfortable, stylish and easy to clean. 0123456789",
     ]
-    from export.shop import review_corpus
-
-    lines += review_corpus()
     return lines

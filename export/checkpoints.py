@@ -402,18 +402,21 @@ def build_demo_checkpoint(
     """
     from export.catalog import build_catalog, catalog_corpus
     from export.modeling.config import small_config, tiny_config
-    from export.shop import build_shop
+    from export.shop import build_shop, review_corpus
     from export.vocab import train_demo_tokenizer
 
-    presets = {"tiny": (tiny_config, 200, 1200), "small": (small_config, 2000, 8000)}
+    # (config, items, BPE size untrained, BPE size trained): the trained demo's tokenizer also learns the
+    # review sentences (shorter training sequences); the untrained one keeps the catalog-only tokenizer
+    presets = {"tiny": (tiny_config, 200, 600, 1200), "small": (small_config, 2000, 8000, 8000)}
     if preset not in presets:
         raise CheckpointError(f"unknown demo preset {preset!r}; choose one of {', '.join(presets)}")
-    make_config, default_items, bpe_size = presets[preset]
+    make_config, default_items, bpe_untrained, bpe_trained = presets[preset]
     n_items = num_items or default_items
     out = Path(out)
     records = build_catalog(out / "catalog", n_items, seed=seed)
     build_shop(out / "shop", records, DEMO_USERS[preset], seed=seed)
-    base = train_demo_tokenizer(catalog_corpus(records), bpe_size)
+    corpus = catalog_corpus(records) + (review_corpus() if trained else [])
+    base = train_demo_tokenizer(corpus, bpe_trained if trained else bpe_untrained)
     base_vocab = base.get_vocab_size(with_added_tokens=True)
     full = Tokenizer.from_str(base.to_str())
     vocab = add_unimp_tokens(full, n_items)
