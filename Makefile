@@ -19,10 +19,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(PARITY)
 	$(PIP) install --quiet -c constraints.txt --no-deps -r $(PARITY)
 	touch $@
 
-$(DEMO)/manifest.json: | install
+# The trained tiny demo: synthetic shop, a minute or two of CPU training, export. Its shop/ marks an
+# export made since the demo was trained (older untrained exports have none).
+$(DEMO)/shop/test.jsonl: | install
 	$(BIN)/unimp export --demo tiny --out $(DEMO)
 
-demo: install $(DEMO)/manifest.json
+demo: install $(DEMO)/shop/test.jsonl
 	$(BIN)/python -m runtime.demo --artifacts $(DEMO)
 
 test: install

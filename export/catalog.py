@@ -58,26 +58,40 @@ class CatalogRecord:
 
 
 def _draw_product(category: str, color: tuple[int, int, int], rng: np.random.Generator, size: int) -> Image.Image:
-    """A flat product shot: coloured shape per category on a tinted background, with seeded jitter."""
-    bg = tuple(int(c) for c in rng.integers(200, 256, size=3))
+    """A flat product shot: one silhouette per category, filled with the item's colour, on a pale background.
+
+    The category decides the shape (8 distinct silhouettes) and the colour fills most of the frame, so a
+    small vision tower can read both; seeded jitter (position, size, background tint, one accent ring)
+    keeps images of the same kind from being identical.
+    """
+    bg = tuple(int(c) for c in rng.integers(215, 256, size=3))
     img = Image.new("RGB", (size, size), bg)  # type: ignore[arg-type]
     draw = ImageDraw.Draw(img)
-    m = size // 6 + int(rng.integers(0, size // 10))
-    box = (m, m, size - m, size - m)
-    shape = SHAPES[category] % 4
-    if shape == 0:
-        draw.rectangle(box, fill=color)
-    elif shape == 1:
-        draw.ellipse(box, fill=color)
-    elif shape == 2:
-        draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=color)
-    else:
-        draw.rounded_rectangle(box, radius=size // 8, fill=color)
-    for _ in range(3):
-        x, y = (int(v) for v in rng.integers(0, size, size=2))
-        r = int(rng.integers(2, size // 8))
-        accent = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.ellipse((x - r, y - r, x + r, y + r), outline=accent, width=2)  # type: ignore[arg-type]
+    m = size // 8 + int(rng.integers(0, size // 12 + 1))
+    lo, hi, mid = m, size - m, size // 2
+    shape = SHAPES[category] % 8
+    if shape == 0:  # square
+        draw.rectangle((lo, lo, hi, hi), fill=color)
+    elif shape == 1:  # disc
+        draw.ellipse((lo, lo, hi, hi), fill=color)
+    elif shape == 2:  # triangle
+        draw.polygon([(mid, lo), (hi, hi), (lo, hi)], fill=color)
+    elif shape == 3:  # wide bar
+        draw.rectangle((lo, mid - size // 6, hi, mid + size // 6), fill=color)
+    elif shape == 4:  # diamond
+        draw.polygon([(mid, lo), (hi, mid), (mid, hi), (lo, mid)], fill=color)
+    elif shape == 5:  # ring
+        draw.ellipse((lo, lo, hi, hi), outline=color, width=max(2, size // 7))
+    elif shape == 6:  # cross
+        w = size // 7
+        draw.rectangle((mid - w, lo, mid + w, hi), fill=color)
+        draw.rectangle((lo, mid - w, hi, mid + w), fill=color)
+    else:  # tall bar
+        draw.rectangle((mid - size // 6, lo, mid + size // 6, hi), fill=color)
+    x, y = (int(v) for v in rng.integers(0, size, size=2))
+    r = int(rng.integers(2, size // 10))
+    accent = tuple(int(c) for c in rng.integers(0, 256, size=3))
+    draw.ellipse((x - r, y - r, x + r, y + r), outline=accent, width=1)  # type: ignore[arg-type]
     return img
 
 
@@ -98,8 +112,10 @@ def build_catalog(directory: Path, num_items: int, seed: int = 0, image_size: in
         price = f"{float(rng.uniform(3, 250)):.2f}"
         item_id = f"P{k:05d}"
         rel = f"images/{item_id}.png"
-        _draw_product(cat, COLORS[color], rng, image_size).save(directory / rel, optimize=False)
-        records.append(CatalogRecord(item_id, k, cat, price, brand, title, rel, available=bool(rng.random() > 0.03)))
+        available = bool(rng.random() > 0.03)
+        image_rng = np.random.default_rng([seed, k])  # per item: drawing never shifts later items' attributes
+        _draw_product(cat, COLORS[color], image_rng, image_size).save(directory / rel, optimize=False)
+        records.append(CatalogRecord(item_id, k, cat, price, brand, title, rel, available=available))
     with open(directory / "items.jsonl", "w", encoding="utf-8") as handle:
         for rec in records:
             handle.write(json.dumps(asdict(rec)) + "\n")

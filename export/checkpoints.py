@@ -10,6 +10,7 @@ A checkpoint directory (see README, "Checkpoint directory") holds::
     catalog/items.jsonl     the items the model's item_k tokens refer to, with catalog/images/
     catalog/id2semantic.json  optional: semantic-ID items ({item_id: [a, b, c, d]}); the vocabulary then
                             has item_0..511 + item_last_0..31 instead of one token per item
+    shop/*.jsonl            optional: shoppers split into train / validation / test (see export.shop)
 
 Sources are applied in that order (vision, lm, checkpoint.pt, delta): later files override earlier ones.
 """
@@ -388,25 +389,42 @@ def write_checkpoint_dir(
     (out / UNIMP_JSON).write_text(json.dumps(meta, indent=2))
 
 
+DEMO_USERS = {"tiny": 3000, "small": 20000}
+"""Shoppers per demo preset (split 80 / 10 / 10 into train / validation / test)."""
+
+
 def build_demo_checkpoint(
-    out: Path, preset: str, seed: int = 0, num_items: int | None = None, semantic_ids: bool = False
+    out: Path, preset: str, seed: int = 0, num_items: int | None = None, semantic_ids: bool = False,
+    trained: bool = False, train_config: Any = None, progress: bool = False,
 ) -> Path:
-    """A seeded UniMP-shaped checkpoint directory with a local tokenizer and a synthetic catalog.
+    """A seeded UniMP-shaped checkpoint directory with a local tokenizer, a synthetic catalog and shop.
 
     ``semantic_ids``: the catalog carries a seeded ``id2semantic.json`` (see export.semantic_ids) and the
-    vocabulary the semantic-ID item tokens."""
+    vocabulary the semantic-ID item tokens (untrained only: the shop training spells atomic items).
+    ``trained``: train the model on the shop's train split (``export.train``); otherwise the weights are
+    the seeded random ones (flat logits). Either way the weights are written in the checkpoint directory
+    layout and read back by ``load_checkpoint`` like a real release. ``train_config`` (an
+    ``export.train.TrainConfig``) defaults to the preset's (``export.train.PRESETS``).
+    """
+    if semantic_ids and trained:
+        raise CheckpointError("the semantic-ID demo is untrained (the shop training spells atomic items)")
     from export.catalog import build_catalog, catalog_corpus
     from export.modeling.config import small_config, tiny_config
+    from export.shop import build_shop, review_corpus
     from export.vocab import train_demo_tokenizer
 
-    presets = {"tiny": (tiny_config, 200, 600), "small": (small_config, 2000, 8000)}
+    # (config, items, BPE size untrained, BPE size trained): the trained demo's tokenizer also learns the
+    # review sentences (shorter training sequences); the untrained one keeps the catalog-only tokenizer
+    presets = {"tiny": (tiny_config, 200, 600, 1200), "small": (small_config, 2000, 8000, 8000)}
     if preset not in presets:
         raise CheckpointError(f"unknown demo preset {preset!r}; choose one of {', '.join(presets)}")
-    make_config, default_items, bpe_size = presets[preset]
+    make_config, default_items, bpe_untrained, bpe_trained = presets[preset]
     n_items = num_items or default_items
     out = Path(out)
     records = build_catalog(out / "catalog", n_items, seed=seed)
-    base = train_demo_tokenizer(catalog_corpus(records), bpe_size)
+    build_shop(out / "shop", records, DEMO_USERS[preset], seed=seed)
+    corpus = catalog_corpus(records) + (review_corpus() if trained else [])
+    base = train_demo_tokenizer(corpus, bpe_trained if trained else bpe_untrained)
     base_vocab = base.get_vocab_size(with_added_tokens=True)
     full = Tokenizer.from_str(base.to_str())
     if semantic_ids:
@@ -419,9 +437,22 @@ def build_demo_checkpoint(
     torch.manual_seed(seed)
     model = UniMP(cfg).eval()
     randomize(model, seed)
+    training: dict[str, Any] = {"trained": False}
+    if trained:
+        from dataclasses import asdict, replace
+
+        from export.shop import read_split
+        from export.train import PRESETS, ShopExamples, catalog_pixels, train
+
+        tc = replace(train_config or PRESETS[preset], seed=seed)
+        examples = ShopExamples(records, full, vocab, tc.max_history)
+        pixels = catalog_pixels(out / "catalog", records, cfg.vision.image_size)
+        result = train(model, examples, read_split(out / "shop", "train"), pixels, tc, progress=progress)
+        training = {"trained": True, "config": asdict(tc), "seconds": round(result.seconds, 1),
+                    "first_loss": round(result.first_loss, 4), "last_loss": round(result.last_loss, 4)}
     v = cfg.vision
     meta = {
-        "name": f"unimp-demo-{preset}",
+        "name": f"unimp-demo-{preset}" + ("" if trained else "-untrained"),
         "num_items": n_items,
         "cross_attn_every_n_layers": cfg.lm.cross_attn_every_n_layers,
         "vision": {
@@ -434,8 +465,7 @@ def build_demo_checkpoint(
             "quick_gelu": v.quick_gelu,
             "ln_post_on_tokens": v.ln_post_on_tokens,
         },
-        "demo": {"preset": preset, "seed": seed, "semantic_ids": semantic_ids},
+        "demo": {"preset": preset, "seed": seed, "semantic_ids": semantic_ids, **training},
     }
     write_checkpoint_dir(out, model, base, base_vocab, meta)
     return out
-

@@ -83,12 +83,15 @@ def export_checkpoint(
 
     steps.set_postfix_str("tokenizer and catalog")
     loaded.tokenizer.save(str(out / "tokenizer.json"))
-    if (out / "catalog").resolve() != (ckpt / "catalog").resolve():
-        shutil.copytree(ckpt / "catalog", out / "catalog", dirs_exist_ok=True)
+    copied = ["catalog"] + (["shop"] if (ckpt / "shop").is_dir() else [])
+    for name in copied:
+        if (out / name).resolve() != (ckpt / name).resolve():
+            shutil.copytree(ckpt / name, out / name, dirs_exist_ok=True)
     files = {"tokenizer.json": sha256_file(out / "tokenizer.json")}
-    for path in sorted((out / "catalog").rglob("*")):
-        if path.is_file() and not path.name.startswith("."):
-            files[str(path.relative_to(out))] = sha256_file(path)
+    for name in copied:
+        for path in sorted((out / name).rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                files[str(path.relative_to(out))] = sha256_file(path)
     diffusion_meta: dict[str, Any] = {}
     if diffusion is not None:
         from export.diffusion import export_diffusion
@@ -169,15 +172,20 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
-    semantic_ids: bool = False, with_vqgan: bool = False,
+    semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False,
 ) -> Manifest:
-    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``
-    (``semantic_ids``: with a semantic-ID catalog, see export.semantic_ids)."""
+    """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
+
+    ``trained``: train it on the synthetic shop first (what ``unimp export --demo`` does); the default keeps
+    the seeded random weights (fast, flat logits: what most tests want). ``semantic_ids``: with a
+    semantic-ID catalog (see export.semantic_ids; untrained only). ``with_vqgan``: with a seeded demo VQGAN.
+    """
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
-        print(f"building the {preset} demo checkpoint in {ckpt} ...", flush=True)
-    build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids)
+        kind = "trained" if trained else "untrained"
+        print(f"building the {kind} {preset} demo checkpoint in {ckpt} ...", flush=True)
+    build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids, trained=trained, progress=progress)
     diffusion_dir = None
     if with_diffusion:
         try:
@@ -186,7 +194,7 @@ def export_demo(
             log.warning("diffusers is not installed; the demo is exported without image generation")
         else:
             diffusion_dir = build_demo_diffusion(ckpt / "diffusion", seed=seed)
-    source = {"demo": preset, "seed": seed, **({"semantic_ids": True} if semantic_ids else {})}
+    source = {"demo": preset, "seed": seed, "trained": trained, **({"semantic_ids": True} if semantic_ids else {})}
     vqgan_dir = None
     if with_vqgan:
         from export.modeling.vqgan import build_demo_vqgan

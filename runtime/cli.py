@@ -24,7 +24,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.demo:
             manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
                                    with_diffusion=not args.no_diffusion, semantic_ids=args.semantic_ids,
-                                   with_vqgan=not args.no_vqgan)
+                                   with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids))
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
                                          diffusion=args.diffusion, vqgan=args.vqgan)
@@ -71,12 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusers-format directory to export for image generation (with --checkpoint)")
     p.add_argument("--no-diffusion", action="store_true", help="with --demo: skip the demo diffusion model")
     p.add_argument("--semantic-ids", action="store_true",
-                   help="with --demo: spell items as seeded 4-token semantic ids (catalog/id2semantic.json)")
+                   help="with --demo: spell items as seeded 4-token semantic ids (catalog/id2semantic.json); "
+                        "the semantic-ID demo is untrained")
     p.add_argument("--vqgan", type=Path, default=None,
                    help="taming-transformers VQGAN directory (model.ckpt + config) for the paper's image-code "
                         "generation path (with --checkpoint)")
     p.add_argument("--no-vqgan", action="store_true", help="with --demo: skip the demo VQGAN")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer and catalog")
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer, catalog and shop")
+    p.add_argument("--untrained", action="store_true",
+                   help="with --demo: keep the seeded random weights instead of training on the synthetic shop")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_export)
 

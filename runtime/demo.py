@@ -2,18 +2,22 @@
 
 The server runs as a child process (`unimp serve`), exactly as a deployer would start it; the scripted
 session prints a recommendation, a search, a rating with a streamed explanation and a selection, then
-the server keeps serving until Ctrl-C (or exits at once with --no-wait).
+the server keeps serving until Ctrl-C (or exits at once with --no-wait). The session follows a held-out
+test shopper of the demo shop (``ART/shop/test.jsonl``), printing the history's categories next to the
+answers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from runtime.client import UnimpClient
 from runtime.types import HistoryItem, PreferenceResult, SamplingOptions, TextPiece
@@ -33,33 +37,65 @@ def wait_serving(client: UnimpClient, proc: subprocess.Popen[bytes], timeout: fl
     raise SystemExit(f"the server did not report SERVING within {timeout:.0f} s")
 
 
-def session(client: UnimpClient) -> None:
-    history = [HistoryItem(item_id=i) for i in ("P00003", "P00017", "P00042", "P00008")]
-    print("\n== Recommend: next item for a shopper who viewed P00003, P00017, P00042, P00008")
+def pick_shopper(artifacts: Path) -> dict[str, Any] | None:
+    """The first test-split shopper of ``ART/shop/test.jsonl`` (None for artifacts without a shop)."""
+    path = artifacts / "shop" / "test.jsonl"
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return dict(json.loads(handle.readline()))
+
+
+def _describe(client: UnimpClient, item_id: str) -> str:
+    meta = client.get_item(item_id).item.meta
+    return f"{item_id}  [{meta.category}] {meta.title}  ${meta.price}" if meta else item_id
+
+
+def session(client: UnimpClient, shopper: dict[str, Any] | None = None) -> None:
+    """A scripted client run for one shopper (a held-out test user of the demo shop when given)."""
+    if shopper is None:
+        shopper = {"user_id": "(example)", "history": [{"item_id": i, "rating": 4, "explanation": "Nice."}
+                                                      for i in ("P00003", "P00017", "P00042", "P00008")],
+                   "query": "Shoes Running Shoe", "rating_item": "P00021", "candidates": ["P00060", "P00061", "P00062"]}
+    items = shopper["history"][-4:]
+    history = [HistoryItem(item_id=h["item_id"]) for h in items]
+    rated = [HistoryItem(item_id=h["item_id"], rating=h["rating"], explanation=h["explanation"]) for h in items]
+    print(f"\n== Shopper {shopper['user_id']} (a held-out test user); the newest {len(items)} history items:")
+    for h in items:
+        print(f"  {_describe(client, h['item_id'])}   rated {h['rating']}: {h['explanation']}")
+    cats = sorted({m.category for m in (client.get_item(h["item_id"]).item.meta for h in items) if m})
+    print(f"  history categories: {', '.join(cats)}")
+
+    print("\n== Recommend: the next items for this shopper")
     for item in client.recommend(history, top_k=5).items:
-        title = item.meta.title if item.meta else ""
-        print(f"  {item.item_id}  logp={item.score:7.3f}  {title}")
+        print(f"  logp={item.score:7.3f}  {_describe(client, item.item_id)}")
+    if "next_item" in shopper:
+        print(f"  (held-out next item: {_describe(client, shopper['next_item'])})")
 
-    print("\n== Search: 'waterproof running shoe' with the same history")
-    for item in client.search("waterproof running shoe", history, top_k=3).items:
-        print(f"  {item.item_id}  logp={item.score:7.3f}  {item.meta.title if item.meta else ''}")
+    print(f"\n== Search: {shopper['query']!r} with the same history")
+    for item in client.search(shopper["query"], history, top_k=3).items:
+        print(f"  logp={item.score:7.3f}  {_describe(client, item.item_id)}")
 
-    rated = [HistoryItem(item_id="P00005", rating=4, explanation="Great fit and soft fabric."),
-             HistoryItem(item_id="P00009", rating=2, explanation="Runs small.")]
-    print("\n== PredictPreference + streamed explanation for P00021")
+    target = shopper["rating_item"]
+    print(f"\n== PredictPreference + streamed explanation for {_describe(client, target)}")
     print("  explanation: ", end="", flush=True)
-    for event in client.explain("P00021", rated, sampling=SamplingOptions(max_new_tokens=24)):
+    for event in client.explain(target, rated, sampling=SamplingOptions(max_new_tokens=32)):
         if isinstance(event, TextPiece):
             print(event.text, end="", flush=True)
         elif isinstance(event, PreferenceResult):
             dist = ", ".join(f"{p:.2f}" for p in event.rating_distribution)
             print(f"\n  rating {event.rating} (expected {event.expected_rating:.2f}; P(1..5) = {dist}); "
                   f"finish: {event.finish_reason}")
+    if "rating" in shopper:
+        print(f"  (held-out: rated {shopper['rating']}: {shopper['explanation']})")
 
-    print("\n== SelectItems: which of P00060, P00061, P00062 suits the shopper")
-    sel = client.select_items(["P00060", "P00061", "P00062"], history, max_selected=2)
+    print("\n== SelectItems: which candidates suit the shopper")
+    for k, c in enumerate(shopper["candidates"]):
+        print(f"  s_{k}  {_describe(client, c)}")
+    sel = client.select_items(list(shopper["candidates"]), history, max_selected=2)
     print(f"  selected candidates {list(sel.selected)}; scores {[round(s, 3) for s in sel.scores]}")
-    print("\n(the model is the seeded random 'tiny' demo: answers are well-formed, not meaningful)")
+    if "selected" in shopper:
+        print(f"  (held-out suitable candidates: {shopper['selected']})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         with UnimpClient(f"{args.host}:{args.port}") as client:
             ready = wait_serving(client, proc, timeout=120)
             print(f"server SERVING on {args.host}:{args.port} after {ready:.1f} s", flush=True)
-            session(client)
+            session(client, pick_shopper(args.artifacts))
         if not args.no_wait:
             print(f"\nserver still running on {args.host}:{args.port}; Ctrl-C to stop", flush=True)
             proc.wait()

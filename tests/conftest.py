@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny demo export per test session."""
+"""Shared fixtures: one tiny demo export per test session (untrained), the trained one on request."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny demo exported once (text graphs only); reused by every test that needs artifacts."""
+    """The untrained tiny demo exported once (text graphs only, seeded random weights: flat logits);
+    reused by every test that needs artifacts."""
     from export.pipeline import export_demo
 
     out = tmp_path_factory.mktemp("tiny_demo")
@@ -56,4 +57,14 @@ def tiny_semantic_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("tiny_semantic_demo")
     export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, semantic_ids=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained tiny demo (what ``unimp export --demo tiny`` builds; a minute or two), text graphs only."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_trained_demo")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, trained=True)
     return out

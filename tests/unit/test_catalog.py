@@ -85,13 +85,14 @@ def test_masks(catalog: Catalog, records: list[dict[str, Any]]) -> None:
 
     # masks follow edits, and the returned arrays are copies
     mask = catalog.available_mask()
-    first = records[0]
+    first = next(r for r in records if r["available"])
     catalog.upsert(CatalogItem(first["item_id"], ItemMeta(category="Shoes"), available=False, token=first["token"]))
     assert mask[first["token"]] and not catalog.available_mask()[first["token"]]
     assert catalog.category_mask(["shoes"])[first["token"]]
-    catalog.delete(records[1]["item_id"])
-    assert not catalog.available_mask()[records[1]["token"]]
-    assert not catalog.category_mask([]).all() and catalog.by_token(records[1]["token"]) is None
+    other = next(r for r in records if r["item_id"] != first["item_id"])
+    catalog.delete(other["item_id"])
+    assert not catalog.available_mask()[other["token"]]
+    assert not catalog.category_mask([]).all() and catalog.by_token(other["token"]) is None
 
 
 def test_upsert_delete_and_image_changes(catalog: Catalog) -> None:
