@@ -5,10 +5,14 @@
 //                        [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]
 //   pos_client delete-interaction --target HOST:PORT --user U --interaction-id N [--token T] [TLS options]
 //   pos_client forget-user --target HOST:PORT --user U [--token T] [TLS options]
+//   pos_client generate-image --target HOST:PORT --query TEXT --out FILE.png [--user U] [--item ID ...]
+//                        [--image-model auto|vqgan|diffusion] [--steps N] [--seed N] [--token T] [TLS options]
 //   pos_client health    --target HOST:PORT [--service NAME] [TLS options]
 //
 // recommend prints one line per item: rank, item id, score, title (tab-separated); delete-interaction
-// prints the interactions still stored; forget-user prints the interactions and cached prefixes removed.
+// prints the interactions still stored; forget-user prints the interactions and cached prefixes removed;
+// generate-image prints each progress message to stderr, writes the PNG to --out and prints its path,
+// size and the personalised prompt.
 // Exit status: 0 success, 1 RPC error (status code and message on stderr), 2 bad usage.
 #include <grpcpp/grpcpp.h>
 
@@ -39,6 +43,10 @@ struct Options {
   int top_k = 10;
   unimp::v1::DecodeMode mode = unimp::v1::DECODE_MODE_FAST;
   long long interaction_id = 0;
+  std::string query, out;
+  unimp::v1::ImageModel image_model = unimp::v1::IMAGE_MODEL_UNSPECIFIED;
+  int steps = 0;
+  long long seed = 0;
   std::string ca, cert, key, server_name;
   std::string service;
   long timeout_ms = 5000;
@@ -50,6 +58,8 @@ const char* kUsageText =
     "                            [--ca FILE [--cert FILE --key FILE] [--server-name NAME]] [--timeout-ms MS]\n"
     "       pos_client delete-interaction --target HOST:PORT --user U --interaction-id N [--token T] [TLS options]\n"
     "       pos_client forget-user --target HOST:PORT --user U [--token T] [TLS options]\n"
+    "       pos_client generate-image --target HOST:PORT --query TEXT --out FILE.png [--user U] [--item ID ...]\n"
+    "                            [--image-model auto|vqgan|diffusion] [--steps N] [--seed N] [--token T] [TLS options]\n"
     "       pos_client health --target HOST:PORT [--service NAME] [--token T] [TLS options]\n";
 
 const char* StatusName(grpc::StatusCode code) {
@@ -96,7 +106,7 @@ bool Parse(int argc, char** argv, Options* opts) {
     std::exit(kOk);
   }
   if (opts->command != "recommend" && opts->command != "health" && opts->command != "forget-user" &&
-      opts->command != "delete-interaction") {
+      opts->command != "delete-interaction" && opts->command != "generate-image") {
     std::cerr << "unknown command '" << opts->command << "'\n" << kUsageText;
     return false;
   }
@@ -139,6 +149,28 @@ bool Parse(int argc, char** argv, Options* opts) {
         std::cerr << "--mode must be fast, beam or beam-constrained, got '" << number << "'\n";
         return false;
       }
+    } else if (flag == "--query") {
+      if (!value(&opts->query)) return false;
+    } else if (flag == "--out") {
+      if (!value(&opts->out)) return false;
+    } else if (flag == "--steps") {
+      if (!value(&number)) return false;
+      opts->steps = std::atoi(number.c_str());
+    } else if (flag == "--seed") {
+      if (!value(&number)) return false;
+      opts->seed = std::atoll(number.c_str());
+    } else if (flag == "--image-model") {
+      if (!value(&number)) return false;
+      if (number == "auto") {
+        opts->image_model = unimp::v1::IMAGE_MODEL_UNSPECIFIED;
+      } else if (number == "vqgan") {
+        opts->image_model = unimp::v1::IMAGE_MODEL_VQGAN;
+      } else if (number == "diffusion") {
+        opts->image_model = unimp::v1::IMAGE_MODEL_DIFFUSION;
+      } else {
+        std::cerr << "--image-model must be auto, vqgan or diffusion, got '" << number << "'\n";
+        return false;
+      }
     } else if (flag == "--interaction-id") {
       if (!value(&number)) return false;
       opts->interaction_id = std::atoll(number.c_str());
@@ -166,6 +198,10 @@ bool Parse(int argc, char** argv, Options* opts) {
   }
   if ((opts->command == "forget-user" || opts->command == "delete-interaction") && opts->user.empty()) {
     std::cerr << opts->command << " needs --user\n";
+    return false;
+  }
+  if (opts->command == "generate-image" && (opts->query.empty() || opts->out.empty())) {
+    std::cerr << "generate-image needs --query TEXT and --out FILE.png\n";
     return false;
   }
   if (opts->command == "delete-interaction" && opts->interaction_id <= 0) {
@@ -261,6 +297,47 @@ int ForgetUser(const Options& opts, const std::shared_ptr<grpc::Channel>& channe
   return kOk;
 }
 
+int GenerateImage(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
+  auto stub = unimp::v1::Personalization::NewStub(channel);
+  unimp::v1::GenerateImageRequest request;
+  request.set_user_id(opts.user);
+  for (const auto& id : opts.items) request.add_history()->set_item_id(id);
+  request.set_query(opts.query);
+  request.set_steps(opts.steps);
+  request.set_seed(static_cast<uint32_t>(opts.seed));
+  request.set_image_model(opts.image_model);
+  grpc::ClientContext context;
+  Prepare(opts, &context);
+  std::unique_ptr<grpc::ClientReader<unimp::v1::GenerateImageResponse>> reader(stub->GenerateImage(&context, request));
+  unimp::v1::GenerateImageResponse message;
+  bool written = false;
+  while (reader->Read(&message)) {
+    if (message.has_progress()) {
+      std::cerr << "progress " << message.progress().step() << '/' << message.progress().total_steps() << '\n';
+    } else if (message.has_image()) {
+      const auto& image = message.image();
+      std::ofstream file(opts.out, std::ios::binary);
+      file.write(image.png().data(), static_cast<std::streamsize>(image.png().size()));
+      if (!file) {
+        std::cerr << "cannot write --out " << opts.out << "\n";
+        context.TryCancel();
+        reader->Finish();
+        return kRpcError;
+      }
+      written = true;
+      std::cout << "png\t" << opts.out << '\t' << image.width() << 'x' << image.height() << '\n'
+                << "prompt\t" << image.prompt() << '\n';
+    }
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return Report(status, context);
+  if (!written) {
+    std::cerr << "error: the stream ended without an image\n";
+    return kRpcError;
+  }
+  return kOk;
+}
+
 int Health(const Options& opts, const std::shared_ptr<grpc::Channel>& channel) {
   auto stub = grpc::health::v1::Health::NewStub(channel);
   grpc::health::v1::HealthCheckRequest request;
@@ -285,5 +362,6 @@ int main(int argc, char** argv) {
   if (opts.command == "health") return Health(opts, channel);
   if (opts.command == "forget-user") return ForgetUser(opts, channel);
   if (opts.command == "delete-interaction") return DeleteInteraction(opts, channel);
+  if (opts.command == "generate-image") return GenerateImage(opts, channel);
   return Recommend(opts, channel);
 }

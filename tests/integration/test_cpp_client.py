@@ -165,3 +165,39 @@ def test_mutual_tls(pos_client: Path, tmp_path: Path) -> None:
         assert len(ok.stdout.splitlines()) == 2
         no_cert = run(pos_client, "health", "--target", server.target, *tls, "--timeout-ms", "2000")
         assert no_cert.returncode == 1 and "UNAVAILABLE" in no_cert.stderr
+
+
+@pytest.fixture(scope="module")
+def vqgan_server(tiny_artifacts_with_vqgan: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """The real engine on the tiny demo with VQGAN graphs (no diffusion graphs)."""
+    from runtime.engine import Runtime, RuntimeConfig
+
+    cache = tmp_path_factory.mktemp("cpp-vq-cache") / "latents"
+    engine = Runtime.open(tiny_artifacts_with_vqgan, RuntimeConfig(progress=False, latent_cache_dir=cache))
+    config = ServerConfig(port=0, state_dir=tmp_path_factory.mktemp("cpp-vq-state"))
+    config.metrics.enabled = False
+    config.log.level = "WARNING"
+    try:
+        with ServerThread(config, engine) as thread:
+            yield thread
+    finally:
+        engine.close()
+
+
+def test_generate_image_writes_the_png(pos_client: Path, vqgan_server: ServerThread, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "generated.png"
+    result = run(pos_client, "generate-image", "--target", vqgan_server.target, "--item", "P00003", "P00011",
+                 "--query", "red sneaker", "--image-model", "vqgan", "--out", str(out), "--timeout-ms", "120000")
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("progress ")] == [
+        f"progress {k}/16" for k in range(1, 17)]
+    assert result.stdout.splitlines()[0] == f"png\t{out}\t256x256"
+    assert Image.open(out).size == (256, 256)
+    missing = run(pos_client, "generate-image", "--target", vqgan_server.target, "--item", "P00003",
+                  "--query", "red sneaker", "--image-model", "diffusion", "--out", str(tmp_path / "no.png"))
+    assert missing.returncode == 1 and "UNAVAILABLE" in missing.stderr and "(field image_model)" in missing.stderr
+    assert not (tmp_path / "no.png").exists()
+    usage = run(pos_client, "generate-image", "--target", vqgan_server.target, "--query", "x")
+    assert usage.returncode == 2 and "needs --query TEXT and --out" in usage.stderr
