@@ -452,7 +452,7 @@ def build_demo_checkpoint(
                     "first_loss": round(result.first_loss, 4), "last_loss": round(result.last_loss, 4)}
     v = cfg.vision
     meta = {
-        "name": f"unimp-demo-{preset}" + ("" if trained else "-untrained"),
+        "name": f"unimp-demo-{preset}",  # trained or not: see "demo" below
         "num_items": n_items,
         "cross_attn_every_n_layers": cfg.lm.cross_attn_every_n_layers,
         "vision": {

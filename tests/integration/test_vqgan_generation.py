@@ -72,28 +72,47 @@ def test_greedy_writes_exactly_256_codes_in_the_slice_and_a_256px_png(engine: Ru
     assert again.codes == result.codes  # greedy is deterministic
 
 
-def test_without_the_mask_greedy_would_leave_the_slice(engine: Runtime) -> None:
-    """The mask is what keeps the codes valid: the tiny model's own greedy choices include other tokens."""
-    from runtime.decoding.sampling import SamplingConfig, TokenGenerator
-
+def test_the_mask_keeps_codes_in_the_slice_whatever_the_model_prefers(
+    engine: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a model that always prefers EOS (its logits shifted by +1000 there), the constrained path still
+    writes 256 in-slice codes: the mask, not the weights, keeps the codes valid."""
     t = engine.manifest.tokens
-    items = engine._resolve(tuple(HistoryItem(i) for i in HISTORY))[-2:]
-    codes = engine.codes.get([i.item_id for i in items])  # type: ignore[union-attr]
-    prompt = image_generation_prompt(items, [list(c) for c in codes], "red sneaker")
     masked = code_slice_mask(t.image_codes_start, 1024)(np.zeros((1, 0), np.int64), np.ones((1, engine.manifest.decoder.vocab_size), np.float32))
     assert np.isfinite(masked[0, t.image_codes_start : t.image_codes_start + 1024]).all()
     assert np.isneginf(masked[0, : t.image_codes_start]).all() and np.isneginf(masked[0, t.image_codes_start + 1024 :]).all()
-    pre = engine._prefill(prompt, tenant="", cancel=None)
-    with engine.scheduler.admit(None) as slot:
-        holder = {"state": pre.state}
 
-        def advance(tokens: np.ndarray) -> np.ndarray:
-            out, holder["state"] = slot.step(holder["state"], tokens, None)
-            return out[0]
+    def prefer_eos(logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, copy=True)
+        out[..., t.eos] += 1000.0
+        return out
 
-        free = list(TokenGenerator(pre.logits, advance, SamplingConfig(max_new_tokens=256)))
-    outside = [x for x in free if not t.image_codes_start <= x < t.image_codes_start + 1024]
-    assert outside  # so the constrained path's 256 in-slice codes come from the mask
+    runner = engine.runner
+    prefill, prefill_with_prefix, step = runner.prefill, runner.prefill_with_prefix, runner.step
+
+    def patched_prefill(*args, **kwargs):  # type: ignore[no-untyped-def]
+        logits, state = prefill(*args, **kwargs)
+        return prefer_eos(logits), state
+
+    def patched_prefill_with_prefix(*args, **kwargs):  # type: ignore[no-untyped-def]
+        logits, state = prefill_with_prefix(*args, **kwargs)
+        return prefer_eos(logits), state
+
+    def patched_step(*args, **kwargs):  # type: ignore[no-untyped-def]
+        logits, states = step(*args, **kwargs)
+        return [prefer_eos(x) for x in logits], states
+
+    monkeypatch.setattr(runner, "prefill", patched_prefill)
+    monkeypatch.setattr(runner, "prefill_with_prefix", patched_prefill_with_prefix)
+    monkeypatch.setattr(runner, "step", patched_step)
+    items = engine._resolve(tuple(HistoryItem(i) for i in HISTORY))[-2:]
+    codes = engine.codes.get([i.item_id for i in items])  # type: ignore[union-attr]
+    pre = engine._prefill(image_generation_prompt(items, [list(c) for c in codes], "red sneaker"), tenant="",
+                          cancel=None)
+    assert int(np.argmax(pre.logits)) == t.eos  # unconstrained, this model would stop at once
+    _, result = _run(engine, history=tuple(HistoryItem(i) for i in HISTORY), query="red sneaker",
+                     model=ImageModel.VQGAN)
+    assert len(result.codes) == 256 and all(0 <= c < 1024 for c in result.codes)
 
 
 def test_sampled_codes_are_256_in_the_slice_and_seeded(engine: Runtime) -> None:
