@@ -62,7 +62,7 @@ def tiny_semantic_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_trained_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The trained tiny demo (what ``unimp export --demo tiny`` builds; a minute or two), text graphs only."""
+    """The trained tiny demo (what ``unimp export --demo tiny`` builds; minutes), text graphs only."""
     from export.pipeline import export_demo
 
     out = tmp_path_factory.mktemp("tiny_trained_demo")
