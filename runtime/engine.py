@@ -413,7 +413,14 @@ class Runtime:
         admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
         Possibly fewer items than hypotheses, possibly none."""
         t = self.manifest.tokens
-        cfg = BeamSearchConfig(
+        result = self._run_beams(pre, self._paper_beam_config(beam), cancel)
+        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
+        return hypothesis_items(result, t.item_start, ok), int(result.steps)
+
+    def _paper_beam_config(self, beam: BeamOptions) -> BeamSearchConfig:
+        """The request's beam options as HF-semantics beam search settings (the paper's DECODE_MODE_BEAM)."""
+        t = self.manifest.tokens
+        return BeamSearchConfig(
             num_beams=beam.num_beams,
             num_return_sequences=beam.num_return_sequences,
             max_new_tokens=beam.max_new_tokens,
@@ -422,9 +429,6 @@ class Runtime:
             eos_token_id=t.eos,
             pad_token_id=t.pad,
         )
-        result = self._run_beams(pre, cfg, cancel)
-        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
-        return hypothesis_items(result, t.item_start, ok), int(result.steps)
 
     def _constrained_beam_items(
         self, pre: _Prefilled, top_k: int, beam: BeamOptions, masks: dict[str, np.ndarray | None],
@@ -484,16 +488,7 @@ class Runtime:
         t = self.manifest.tokens
         ok = admissible_items(self._catalog.item_count, **masks)  # type: ignore[arg-type]
         if mode == DecodeMode.BEAM:
-            cfg = BeamSearchConfig(
-                num_beams=beam.num_beams,
-                num_return_sequences=beam.num_return_sequences,
-                max_new_tokens=beam.max_new_tokens,
-                length_penalty=beam.length_penalty,
-                early_stopping=beam.early_stopping,
-                eos_token_id=t.eos,
-                pad_token_id=t.pad,
-            )
-            result = self._run_beams(pre, cfg, cancel)
+            result = self._run_beams(pre, self._paper_beam_config(beam), cancel)
             return self._trie_items(result, trie.masked(ok).lookup)[:top_k], int(result.steps)
         if mode == DecodeMode.FAST:
             num_beams = min(max(top_k, DEFAULT_BEAMS), self.config.limits.max_beams)
