@@ -180,14 +180,21 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
     t_start = time.perf_counter()
     history = rt._resolve(tuple(request.history)) if request.history else ()
     items = tuple(i for i in history if i.has_image)[-IMAGE_CODES_HISTORY:]
-    prompt = image_generation_prompt(items, history_codes(rt, codec, items), query)
+    codes_of = history_codes(rt, codec, items)
     t = rt.manifest.tokens
     settings = codec.settings
     total = settings.num_codes
-    length = len(encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids)
-    if length + total > rt.manifest.decoder.max_positions:
-        raise InvalidRequest(f"history: the prompt is {length} tokens and {total} image codes follow it; the model "
-                             f"has {rt.manifest.decoder.max_positions} positions", field="history")
+    room = rt.manifest.decoder.max_positions - total
+    # like the text tasks: the oldest history chunks go first until the prompt and its codes fit
+    while True:
+        prompt = image_generation_prompt(items, codes_of, query)
+        length = len(encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids)
+        if length <= room or not items:
+            break
+        items, codes_of = items[1:], codes_of[1:]
+    if length > room:
+        raise InvalidRequest(f"query: the prompt is {length} tokens even without history and {total} image codes "
+                             f"follow it; the model has {rt.manifest.decoder.max_positions} positions", field="query")
     if t.image_codes_start < 0:
         raise Unavailable("image_model: the vocabulary has no image-code tokens (img_0,..)", field="image_model")
     prompt_s = time.perf_counter() - t_start

@@ -14,7 +14,7 @@ from runtime.api import ImageProgress, ImageRequest, ImageResult
 from runtime.client import RpcError, UnimpClient
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.image_task import code_slice_mask
-from runtime.prompts import image_generation_prompt
+from runtime.prompts import encode, image_generation_prompt
 from runtime.server.app import ServerThread
 from runtime.server.config import ServerConfig
 from runtime.types import HistoryItem, ImageModel, InvalidRequest, Unavailable
@@ -200,3 +200,32 @@ def test_codes_follow_a_catalog_image_edit(engine: Runtime) -> None:
     engine.catalog.upsert(item, second)  # a new image invalidates the cached codes
     np.testing.assert_array_equal(engine.codes.get(["VQ-EDIT"]), engine._vqgan.encode_images([second]))
     assert not np.array_equal(engine.codes.get(["VQ-EDIT"]), engine.codes.get(["P00003"]))
+
+
+def test_long_queries_drop_old_history_then_name_the_query(engine: Runtime) -> None:
+    """The oldest history chunks make room for a long query; a query too long on its own names `query`."""
+    import random
+
+    rng = random.Random(0)
+
+    def words(n: int) -> str:  # seeded random letters: the tiny BPE spends about a token per letter
+        return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(9)) for _ in range(n))
+
+    t = engine.manifest.tokens
+    history = tuple(HistoryItem(i) for i in HISTORY)
+    items = engine._resolve(history)[-2:]
+    codes = [list(c) for c in engine.codes.get([i.item_id for i in items])]  # type: ignore[union-attr]
+    room = engine.manifest.decoder.max_positions - 256
+    query = words(30)
+
+    def length(chunks: int) -> int:
+        prompt = image_generation_prompt(items[len(items) - chunks:], codes[len(codes) - chunks:], query)
+        return len(encode(prompt, engine.tokenizer, t.endofchunk, t.image).ids)
+
+    assert length(2) > room >= length(1)  # both chunks do not fit with this query, the newest one does
+    _, result = _run(engine, history=history, query=query, model=ImageModel.VQGAN)
+    assert len(result.codes) == 256
+    assert result.prompt == image_generation_prompt(items[-1:], codes[-1:], query).text
+    with pytest.raises(InvalidRequest) as info:
+        _run(engine, history=history, query=words(200), model=ImageModel.VQGAN)
+    assert info.value.field == "query" and str(info.value).startswith("query: ")
