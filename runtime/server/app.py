@@ -32,7 +32,7 @@ from PIL import Image
 from runtime.api import Engine
 from runtime.limits import Limits
 from runtime.server.auth import Authenticator, AuthInterceptor, check_bind_security
-from runtime.server.config import ConfigError, ServerConfig
+from runtime.server.config import ConfigError, EngineConfig, ServerConfig
 from runtime.server.metrics import ServerMetrics
 from runtime.server.servicer import CATALOG, PERSONALIZATION, Servicer, ServingState
 from runtime.server.store import StateStore
@@ -47,11 +47,18 @@ SERVICE_NAMES = (PERSONALIZATION.full_name, CATALOG.full_name)
 """Services whose health follows the engine ("" is the whole server)."""
 
 
-def open_runtime(artifacts: Path, limits: Limits | None = None) -> Engine:
-    """Open the real engine on an artifacts directory, enforcing the server's limits."""
+def open_runtime(artifacts: Path, limits: Limits | None = None, settings: EngineConfig | None = None) -> Engine:
+    """Open the real engine on an artifacts directory with the server's limits and ``[engine]`` settings."""
+    from runtime.backends import BackendConfig
     from runtime.engine import Runtime, RuntimeConfig
 
-    engine: Engine = Runtime.open(artifacts, RuntimeConfig(limits=limits or Limits()))
+    e = settings or EngineConfig()
+    config = RuntimeConfig(
+        backend=BackendConfig(provider=e.provider, intra_op_threads=e.intra_op_threads),
+        max_active=e.max_active, max_queued=e.max_queued, prefix_cache_bytes=e.prefix_cache_bytes,
+        limits=limits or Limits(),
+    )
+    engine: Engine = Runtime.open(artifacts, config)
     return engine
 
 
@@ -213,7 +220,7 @@ def create_server(
         artifacts = Path(config.artifacts)
 
         def engine_factory() -> Engine:
-            return open_runtime(artifacts, config.limits)
+            return open_runtime(artifacts, config.limits, config.engine)
 
     Image.MAX_IMAGE_PIXELS = config.limits.max_image_pixels
     server = UnimpServer(config, engine, engine_factory)

@@ -21,6 +21,9 @@ directory. Example::
 
     [metrics]
     port = 9464
+
+    [engine]
+    intra_op_threads = 2           # 0: all physical cores
 """
 
 from __future__ import annotations
@@ -100,6 +103,35 @@ LimitsConfig = Limits
 """The ``[limits]`` section (``--limits-*`` flags): the runtime's one ``Limits`` definition."""
 
 
+Provider = Literal["cpu", "cuda", "tensorrt"]
+
+
+@dataclass
+class EngineConfig:
+    """How the model runs: execution provider, threads, continuous-batching width, prefix cache."""
+
+    provider: Provider = field(
+        default="cpu",
+        metadata=_help(
+            "ONNX Runtime execution provider: cpu (the embedded default), cuda or tensorrt; a provider the "
+            "installed onnxruntime lacks is a startup error, never a silent CPU run"
+        ),
+    )
+    intra_op_threads: int = field(
+        default=0, metadata=_help("threads inside one operator; 0 lets ONNX Runtime choose (all physical cores)")
+    )
+    max_active: int = field(
+        default=8, metadata=_help("sequences decoding at once (continuous batching width)")
+    )
+    max_queued: int = field(
+        default=32,
+        metadata=_help("requests waiting for a decode slot before new ones get RESOURCE_EXHAUSTED"),
+    )
+    prefix_cache_bytes: int = field(
+        default=256 << 20, metadata=_help("byte budget of the prompt-prefix KV cache (LRU; 0 disables it)")
+    )
+
+
 @dataclass
 class MetricsConfig:
     """Prometheus metrics over HTTP on a separate port."""
@@ -176,6 +208,7 @@ class ServerConfig:
     auth: AuthConfig = field(default_factory=AuthConfig, metadata={"help": "authentication"})
     tls: TlsConfig = field(default_factory=TlsConfig, metadata={"help": "TLS"})
     limits: LimitsConfig = field(default_factory=LimitsConfig, metadata={"help": "request limits"})
+    engine: EngineConfig = field(default_factory=EngineConfig, metadata={"help": "model execution"})
     metrics: MetricsConfig = field(default_factory=MetricsConfig, metadata={"help": "metrics"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "logging"})
 
@@ -195,6 +228,11 @@ class ServerConfig:
             raise ConfigError(f"history_limit: must be >= 1, got {self.history_limit}")
         if not math.isfinite(self.shutdown_grace_s) or self.shutdown_grace_s < 0:
             raise ConfigError(f"shutdown_grace_s: must be a finite number >= 0, got {self.shutdown_grace_s}")
+        e = self.engine
+        for name, value, low in (("intra_op_threads", e.intra_op_threads, 0), ("max_active", e.max_active, 1),
+                                 ("max_queued", e.max_queued, 0), ("prefix_cache_bytes", e.prefix_cache_bytes, 0)):
+            if value < low:
+                raise ConfigError(f"engine.{name}: must be >= {low}, got {value}")
         for f in dataclasses.fields(self.limits):
             value = getattr(self.limits, f.name)
             if value < 1:

@@ -1,0 +1,44 @@
+"""`unimp serve`'s [engine] settings reach the Runtime: provider, threads, batching width, prefix cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from runtime.server.app import open_runtime
+from runtime.server.config import ConfigError, EngineConfig, load_config
+from runtime.types import HistoryItem, RecommendRequest, Unavailable
+
+
+def test_settings_reach_the_runtime(tiny_artifacts: Path) -> None:
+    settings = EngineConfig(intra_op_threads=1, max_active=3, max_queued=5, prefix_cache_bytes=0)
+    rt = open_runtime(tiny_artifacts, settings=settings)
+    try:
+        assert rt.config.backend.intra_op_threads == 1 and rt.config.backend.provider == "cpu"  # type: ignore[attr-defined]
+        assert rt.scheduler.max_active == 3 and rt.scheduler.max_queued == 5  # type: ignore[attr-defined]
+        request = RecommendRequest(tuple(HistoryItem(item_id=i) for i in ("P00003", "P00017")), top_k=3)
+        first, second = rt.recommend(request), rt.recommend(request)
+        assert [i.item_id for i in first.items] == [i.item_id for i in second.items]
+        assert not second.timings.prefix_cache_hit  # a 0-byte prefix cache keeps nothing
+        assert rt.prefix_cache.bytes == 0  # type: ignore[attr-defined]
+    finally:
+        rt.close()
+
+
+def test_a_missing_provider_is_a_startup_error(tiny_artifacts: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")  # CI installs the CPU wheel
+    with pytest.raises(Unavailable, match="CUDAExecutionProvider"):
+        open_runtime(tiny_artifacts, settings=EngineConfig(provider="cuda"))
+
+
+def test_flags_and_validation(tmp_path: Path) -> None:
+    config = load_config(overrides={"engine.provider": "cpu", "engine.max_active": "4",
+                                    "engine.prefix_cache_bytes": "1048576"})
+    assert config.engine.max_active == 4 and config.engine.prefix_cache_bytes == 1 << 20
+    with pytest.raises(ConfigError, match=r"^engine\.max_active: must be >= 1"):
+        load_config(overrides={"engine.max_active": "0"})
+    with pytest.raises(ConfigError, match=r"^engine\.provider: must be one of cpu, cuda, tensorrt"):
+        load_config(overrides={"engine.provider": "rocm"})
