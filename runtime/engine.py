@@ -229,10 +229,13 @@ class Runtime:
             out[inline_rows] = self.vision.encode(pixels)
         return out, time.perf_counter() - t0
 
-    def _prefill(self, prompt: Prompt, tenant: str, cancel: CancelToken | None, user_id: str = "") -> _Prefilled:
+    def _prefill(self, prompt: Prompt | EncodedPrompt, tenant: str, cancel: CancelToken | None,
+                 user_id: str = "") -> _Prefilled:
+        """Prefill one prompt (tokenized here unless ``_fit`` already did) through the prefix cache."""
         check_cancel(cancel)
         t = self.manifest.tokens
-        enc: EncodedPrompt = encode(prompt, self.tokenizer, t.endofchunk, t.image)
+        enc = prompt if isinstance(prompt, EncodedPrompt) else encode(prompt, self.tokenizer, t.endofchunk, t.image)
+        prompt = enc.prompt
         if len(enc.ids) >= self.manifest.decoder.max_positions:
             raise InvalidRequest(
                 f"history: prompt of {len(enc.ids)} tokens exceeds the model's "
@@ -258,7 +261,7 @@ class Runtime:
             logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
         return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
 
-    def _fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> Prompt:
+    def _fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> EncodedPrompt:
         """The prompt with the most recent history items (up to ``max_history``) that fits the model.
 
         ``build(n)`` makes the prompt from the newest ``n`` history items. The oldest items are dropped
@@ -277,7 +280,7 @@ class Runtime:
             if length <= limit:
                 if n < start:
                     log.debug("prompt fits with the newest %d history items (%d tokens)", n, length)
-                return prompt
+                return enc
             if n == 1:
                 if length - enc.prefix_len <= limit:  # the rest fits: the newest history item alone is too long
                     blame = f"history[{history_len - 1}]"
@@ -358,7 +361,7 @@ class Runtime:
 
     def _rank_items(
         self,
-        prompt: Prompt,
+        prompt: EncodedPrompt,
         top_k: int,
         mode: DecodeMode,
         item_filter: ItemFilter,
@@ -378,7 +381,7 @@ class Runtime:
         self.requests += 1
         pre = self._prefill(prompt, tenant, cancel, user_id)
         t = self.manifest.tokens
-        masks = self._item_masks(item_filter, prompt.history_tokens)
+        masks = self._item_masks(item_filter, prompt.prompt.history_tokens)
         decode_s, tokens = 0.0, 0
         if self._semantic_trie is not None:
             t0 = time.perf_counter()

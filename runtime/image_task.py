@@ -187,8 +187,8 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
     room = rt.manifest.decoder.max_positions - total
     # like the text tasks: the oldest history chunks go first until the prompt and its codes fit
     while True:
-        prompt = image_generation_prompt(items, codes_of, query)
-        length = len(encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids)
+        enc = encode(image_generation_prompt(items, codes_of, query), rt.tokenizer, t.endofchunk, t.image)
+        length = len(enc.ids)
         if length <= room or not items:
             break
         items, codes_of = items[1:], codes_of[1:]
@@ -198,7 +198,7 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
     if t.image_codes_start < 0:
         raise Unavailable("image_model: the vocabulary has no image-code tokens (img_0,..)", field="image_model")
     prompt_s = time.perf_counter() - t_start
-    pre = rt._prefill(prompt, tenant="", cancel=cancel)
+    pre = rt._prefill(enc, tenant="", cancel=cancel)
     config = SamplingConfig(request.temperature, request.top_p, request.seed, max_new_tokens=total, eos_token_id=None)
     mask = code_slice_mask(t.image_codes_start, settings.n_embed)
     t0 = time.perf_counter()
@@ -228,5 +228,5 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
     png = to_png(pixels)
     timings = {"prompt": prompt_s, "vision": pre.vision_s, "prefill": pre.prefill_s, "codes": codes_s,
                "vqgan_decoder": decode_s, "total": time.perf_counter() - t_start}
-    yield ImageResult(png, prompt.text, int(pixels.shape[2]), int(pixels.shape[1]), timings,
+    yield ImageResult(png, enc.prompt.text, int(pixels.shape[2]), int(pixels.shape[1]), timings,
                       codes=tuple(int(c) for c in codes))
