@@ -34,10 +34,18 @@ _DEST_PREFIX = "cfg__"
 # -- serve --------------------------------------------------------------------------------------------
 
 
+_ALIASES = {"engine.provider": ("--provider",)}
+"""Short spellings kept as part of the CLI contract (``unimp serve --provider cpu|cuda|tensorrt``)."""
+
+
 def _flag(path: str) -> str:
     if path == "auth.tokens":
         return "--auth-token"
     return "--" + path.replace(".", "-").replace("_", "-")
+
+
+def _flags(path: str) -> tuple[str, ...]:
+    return (_flag(path), *_ALIASES.get(path, ()))
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,7 +77,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(_flag(info.path), dest=dest, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(kind) is Literal:
-            group.add_argument(_flag(info.path), dest=dest, choices=list(typing.get_args(kind)),
+            group.add_argument(*_flags(info.path), dest=dest, choices=list(typing.get_args(kind)),
                                default=argparse.SUPPRESS, help=help_text)
         else:
             metavar = {int: "N", float: "X", Path: "PATH", str: "TEXT"}.get(kind, "VALUE")

@@ -42,3 +42,14 @@ def test_flags_and_validation(tmp_path: Path) -> None:
         load_config(overrides={"engine.max_active": "0"})
     with pytest.raises(ConfigError, match=r"^engine\.provider: must be one of cpu, cuda, tensorrt"):
         load_config(overrides={"engine.provider": "rocm"})
+
+
+def test_serve_provider_flag_is_the_engine_setting() -> None:
+    import argparse
+
+    from runtime.server.cli_commands import add_serve_arguments, serve_overrides
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    for flag in ("--provider", "--engine-provider"):
+        assert serve_overrides(parser.parse_args([flag, "tensorrt"])) == {"engine.provider": "tensorrt"}
