@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -296,7 +297,7 @@ class Runtime:
             out[inline_rows] = self.vision.encode(pixels)
         return out, time.perf_counter() - t0
 
-    def admit(self, cancel: CancelToken | None = None, rows: int = 1):  # type: ignore[no-untyped-def]
+    def admit(self, cancel: CancelToken | None = None, rows: int = 1) -> AbstractContextManager[Generator]:
         """A decode ``Generator`` with ``rows`` KV rows (beams) reserved (context manager; Overloaded when the
         queue is full). Tasks that only need the prompt's logits do not take one."""
         return self.batcher.admit(cancel, rows)
@@ -760,8 +761,8 @@ class Runtime:
 
     # -- image generation -------------------------------------------------------------------------------
     def generate_image(self, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
-        """``request.model`` picks the path (runtime.image_task.choose_image_model): VQGAN codes or diffusion."""
-        from runtime.image_task import choose_image_model, generate_image, generate_image_codes
+        """``request.model`` picks the path (runtime.tasks.image.choose_image_model): VQGAN codes or diffusion."""
+        from runtime.tasks.image import choose_image_model, generate_image, generate_image_codes
 
         model = choose_image_model(request.model, self._vqgan is not None, self._diffusion is not None)
         if model == ImageModel.VQGAN:

@@ -54,14 +54,3 @@ class Session(Protocol):
         """Run with host ``feeds``, tensors (inputs or outputs) ``bound`` to backend memory, and the host
         ``outputs`` returned. Binding an input and an output to the same address updates it in place."""
         ...
-
-
-def open_session(path: Path, config: BackendConfig) -> Session:
-    """Open ``path`` with the backend the config names."""
-    if config.provider == "tensorrt" and path.suffix in (".engine", ".plan"):
-        from runtime.backends.tensorrt import TensorRTSession
-
-        return TensorRTSession(path, config)
-    from runtime.backends.ort import OrtSession
-
-    return OrtSession(path, config)
