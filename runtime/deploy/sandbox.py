@@ -14,6 +14,7 @@ import shlex
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class SandboxError(Exception):
@@ -60,3 +61,35 @@ def processes_mentioning(text: str) -> list[int]:
         if text.encode() in cmdline:
             out.append(int(entry.name))
     return out
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(channel: Any, timeout: float) -> str:
+    """grpc.health.v1 Check through the ingress until SERVING (Serve's proxy learns routes asynchronously);
+    returns the last status seen."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2
+
+    deadline, status = time.monotonic() + timeout, "UNKNOWN"
+    while time.monotonic() < deadline:
+        try:
+            raw = channel.unary_unary("/grpc.health.v1.Health/Check")(
+                health_pb2.HealthCheckRequest().SerializeToString(), timeout=10)
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.FromString(
+                raw).status)
+            if status == "SERVING":
+                break
+        except grpc.RpcError as exc:
+            status = exc.code().name
+        time.sleep(0.2)
+    return status

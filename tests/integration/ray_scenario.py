@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from grpc_health.v1 import health_pb2
 
+from runtime.deploy.sandbox import free_port, wait_serving
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
 
@@ -40,12 +39,6 @@ REPLIES: dict[str, Any] = {
     "ListItems": cpb.ListItemsResponse, "DeleteItem": cpb.DeleteItemResponse,
 }
 STREAMS = {"Explain", "GenerateImage"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def call(channel: grpc.Channel, rpc: str, request: Any, token: str | None, timeout: float = 30.0) -> dict[str, Any]:
@@ -95,23 +88,6 @@ def same(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
         return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=rtol,
                                                                                           abs_tol=atol)
     return bool(a == b)
-
-
-def wait_serving(channel: grpc.Channel, timeout: float) -> str:
-    """grpc.health.v1 Check through the ingress until SERVING (the proxy learns routes asynchronously)."""
-    deadline, status = time.monotonic() + timeout, "UNKNOWN"
-    while time.monotonic() < deadline:
-        try:
-            raw = channel.unary_unary("/grpc.health.v1.Health/Check")(
-                health_pb2.HealthCheckRequest().SerializeToString(), timeout=10)
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.FromString(
-                raw).status)
-            if status == "SERVING":
-                break
-        except grpc.RpcError as exc:
-            status = exc.code().name
-        time.sleep(0.2)
-    return status
 
 
 def sequence() -> list[tuple[str, Any, str | None]]:
