@@ -12,6 +12,9 @@ shoppers** (``USERS`` users with stored histories, each coming back ``VISITS`` t
   throughput and p50 / p99;
 - 2 replicas with Serve's default power-of-two-choices router on the same trace.
 
+Each configuration is a new application (a new name: Serve's proxy keeps a deployment's router across
+redeploys), so its replicas start with empty prefix caches.
+
 Prefix-cache hit rates are the replicas' own counters (``unimp-prefix-cache-hits`` / ``-misses`` trailing
 metadata, the last value seen per replica), each configuration starting from freshly started replicas.
 """
@@ -95,8 +98,9 @@ class Meter:
         self.lock = threading.Lock()
         self.counters: dict[str, tuple[int, int]] = {}
         self.replicas: dict[str, int] = {}
+        self.users: dict[str, set[str]] = {}
 
-    def note(self, trailing: Any) -> None:
+    def note(self, trailing: Any, user: str = "") -> None:
         data = dict(trailing or ())
         replica = data.get("unimp-replica")
         if not replica:
@@ -106,6 +110,8 @@ class Meter:
             old = self.counters.get(replica, (0, 0))
             self.counters[replica] = (max(old[0], hits), max(old[1], misses))
             self.replicas[replica] = self.replicas.get(replica, 0) + 1
+            if user:
+                self.users.setdefault(user, set()).add(replica)
 
     def hit_rate(self) -> float:
         hits = sum(h for h, _ in self.counters.values())
@@ -122,8 +128,22 @@ def _recommend(channel: Any, user: str, meter: Meter | None) -> float:
         request, metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=60)
     elapsed = time.perf_counter() - started
     if meter is not None:
-        meter.note(call.trailing_metadata())
+        meter.note(call.trailing_metadata(), user)
     return elapsed
+
+
+def _health(channel: Any, n: int) -> dict[str, float]:
+    """Sequential grpc.health.v1 Check latency (no model, no store: the transport's own cost)."""
+    from grpc_health.v1 import health_pb2
+
+    request = health_pb2.HealthCheckRequest().SerializeToString()
+    check = channel.unary_unary("/grpc.health.v1.Health/Check")
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        check(request, timeout=30)
+        times.append(time.perf_counter() - started)
+    return {"p50_ms": round(1e3 * _pct(times, 0.5), 2), "p99_ms": round(1e3 * _pct(times, 0.99), 2), "calls": n}
 
 
 def _sequential(channel: Any, users: list[str], n: int) -> dict[str, float]:
@@ -141,6 +161,7 @@ def _trace(channel: Any, trace: list[str], meter: Meter) -> dict[str, Any]:
     return {"requests": len(trace), "concurrency": CONCURRENCY, "throughput_rps": round(len(trace) / wall, 2),
             "p50_ms": round(1e3 * _pct(times, 0.5), 2), "p99_ms": round(1e3 * _pct(times, 0.99), 2),
             "prefix_cache_hit_rate": round(meter.hit_rate(), 4),
+            "users_on_several_replicas": sum(1 for r in meter.users.values() if len(r) > 1),
             "prefix_cache_per_replica": {r: {"hits": h, "misses": m, "requests": meter.replicas.get(r, 0)}
                                          for r, (h, m) in sorted(meter.counters.items())}}
 
@@ -191,6 +212,8 @@ def _main() -> int:
         _record_histories(channel, users, item_count)
         _sequential(channel, users, 5)  # warm-up
         result["unimp_serve"] = _sequential(channel, users, sequential_calls)
+        _health(channel, 5)
+        result["unimp_serve_health_check"] = _health(channel, sequential_calls)
         channel.close()
     finally:
         local.stop()
@@ -212,11 +235,12 @@ def _main() -> int:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         wait_serving(channel, 120)
         _record_histories(channel, users, item_count)
+        previous = deploy.APP_NAME
         for i, (name, options) in enumerate(runs):
-            if i > 0:  # a fresh application: new replicas, empty prefix caches
-                serve.delete(deploy.APP_NAME)
-                serve.run(deploy.build_app(cluster_config, options()), name=deploy.APP_NAME,
-                          route_prefix=f"/{deploy.APP_NAME}", blocking=False)
+            if i > 0:  # a fresh application under a new name: new replicas, empty caches, its own router
+                serve.delete(previous)
+                previous = f"{deploy.APP_NAME}-{i}"
+                deploy.deploy_app(cluster_config, options(), previous)
                 wait_serving(channel, 120)
             record = _trace(channel, trace, Meter())
             if name != "2_replicas_default_router":
@@ -224,6 +248,10 @@ def _main() -> int:
                 record["sequential"] = _sequential(channel, users, sequential_calls)
                 record["overhead_vs_unimp_serve_p50_ms"] = round(
                     record["sequential"]["p50_ms"] - result["unimp_serve"]["p50_ms"], 2)
+                _health(channel, 5)
+                record["health_check"] = _health(channel, sequential_calls)
+                record["health_check_overhead_p50_ms"] = round(
+                    record["health_check"]["p50_ms"] - result["unimp_serve_health_check"]["p50_ms"], 2)
             result["runs"][name] = record
         channel.close()
     finally:

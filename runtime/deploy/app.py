@@ -101,6 +101,14 @@ def build_app(config: ServerConfig, options: ClusterOptions | None = None) -> An
         StoreService, name=STORE, num_replicas=1, ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(64, 4 * (config.max_inflight + config.max_inflight_cheap)),
     ).bind(str(Path(config.state_dir).resolve()))
+    settings = ingress_settings(config, options)
+    if "request_router_config" in settings:
+        settings["request_router_config"] = RequestRouterConfig(**settings["request_router_config"])
+    return deployment(UnimpReplica, **settings).bind(config, store)
+
+
+def ingress_settings(config: ServerConfig, options: ClusterOptions) -> dict[str, Any]:
+    """``serve.deployment`` options of the ingress deployment (the router config as a plain dict)."""
     settings: dict[str, Any] = {
         "name": INGRESS,
         "ray_actor_options": {"num_cpus": options.replica_cpus},
@@ -116,9 +124,8 @@ def build_app(config: ServerConfig, options: ClusterOptions | None = None) -> An
     else:
         settings["num_replicas"] = options.replicas
     if options.affinity:
-        router: dict[str, Any] = {"request_router_class": ROUTER, "request_routing_stats_period_s": 2.0}
-        settings["request_router_config"] = RequestRouterConfig(**router)
-    return deployment(UnimpReplica, **settings).bind(config, store)
+        settings["request_router_config"] = {"request_router_class": ROUTER, "request_routing_stats_period_s": 2.0}
+    return settings
 
 
 def grpc_options(port: int, request_timeout_s: float | None = None) -> dict[str, Any]:
@@ -162,7 +169,18 @@ def start_cluster(config: ServerConfig, options: ClusterOptions, *, temp_dir: Pa
     ray.init(**init)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=grpc_options(config.port, options.request_timeout_s))
-    serve.run(build_app(config, options), name=APP_NAME, route_prefix=f"/{APP_NAME}", blocking=False)
+    deploy_app(config, options)
+
+
+def deploy_app(config: ServerConfig, options: ClusterOptions, name: str = APP_NAME) -> None:
+    """Deploy (or update) the application on the running Serve instance.
+
+    Serve's proxies keep the request router they built for a deployment (per application and deployment
+    name) across redeploys: to switch routers, delete the application and deploy it under another name.
+    """
+    from ray import serve
+
+    serve.run(build_app(config, options), name=name, route_prefix=f"/{name}", blocking=False)
 
 
 def stop_cluster() -> None:

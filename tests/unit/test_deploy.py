@@ -197,3 +197,55 @@ def test_serve_config_file_names_real_entry_points() -> None:
     assert callable(getattr(importlib.import_module(module), name))
     fn_module, _, fn = ingress.SERVICER_FUNCTION.rpartition(".")
     assert getattr(importlib.import_module(fn_module), fn) is ingress.add_unimp_services
+
+
+def test_ingress_settings_follow_the_options() -> None:
+    from runtime.deploy.app import ROUTER, ingress_settings
+
+    config = ServerConfig(max_inflight=3, max_inflight_cheap=5)
+    fixed = ingress_settings(config, ClusterOptions(replicas=3, replica_cpus=0.5))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 0.5} and fixed["max_ongoing_requests"] == 8
+    assert fixed["request_router_config"]["request_router_class"] == ROUTER
+    scaled = ingress_settings(config, ClusterOptions(autoscale=(1, 4), affinity=False))
+    assert "num_replicas" not in scaled and "request_router_config" not in scaled
+    assert scaled["autoscaling_config"]["min_replicas"] == 1 and scaled["autoscaling_config"]["max_replicas"] == 4
+    module, _, name = ROUTER.partition(":")
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        return  # the router class itself needs Ray (the integration test covers it where Ray is installed)
+    assert importlib.import_module(module).__dict__[name].__name__ == name
+
+
+def test_router_reads_the_key_from_serve_pending_requests() -> None:
+    import importlib.util
+    import os
+    import pickle
+
+    if importlib.util.find_spec("ray") is None:
+        if os.environ.get("CI"):
+            pytest.fail("Ray Serve is required in CI")
+        pytest.skip("Ray Serve is not installed")
+    from ray.serve._private.common import gRPCRequest
+
+    from runtime.deploy.router import request_key
+
+    class Context:
+        def invocation_metadata(self) -> Any:
+            return SHOP
+
+    class Metadata:
+        call_method = "Recommend"
+        grpc_context = Context()
+
+    class Pending:
+        def __init__(self, args: list[Any]) -> None:
+            self.args = args
+            self.metadata = Metadata()
+
+    request = pickle.dumps(gRPCRequest(user_request_proto=_raw(ppb.RecommendRequest(user_id="u1"))))
+    want = affinity_key("Recommend", _raw(ppb.RecommendRequest(user_id="u1")), SHOP)
+    assert want is not None and request_key(Pending([request])) == want  # type: ignore[arg-type]
+    assert request_key(Pending([])) is None  # type: ignore[arg-type]
