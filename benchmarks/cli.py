@@ -48,7 +48,7 @@ SECTIONS: dict[str, Section] = {  # in run order
 }
 DEFAULT_SECTIONS = "tasks,floor,baselines,load,image"
 PACKAGES = ("unimp-edge", "numpy", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "diffusers",
-            "open-flamingo", "open_clip_torch", "grpcio", "matplotlib")
+            "open-flamingo", "open_clip_torch", "grpcio", "matplotlib", "ray")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
