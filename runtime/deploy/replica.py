@@ -44,6 +44,7 @@ from runtime.server.metrics import ServerMetrics
 from runtime.server.protos import catalog_pb2 as cpb
 from runtime.server.protos import personalization_pb2 as ppb
 from runtime.server.servicer import CATALOG, PERSONALIZATION, Servicer, ServingState
+from runtime.types import Unavailable
 
 from .store import RemoteStore
 
@@ -170,6 +171,14 @@ class UnimpReplica:
 
             await asyncio.get_running_loop().run_in_executor(self.executor, apply)
 
+    async def _synced(self, call: ServeCallContext) -> None:
+        """``_sync``, or end the call with UNAVAILABLE when the store cannot be reached."""
+        try:
+            await self._sync()
+        except Unavailable as exc:
+            status = errors.status_for(exc)
+            await call.abort(status.code, status.message)
+
     def _authorize(self, rpc: str, call: ServeCallContext) -> errors.Status | None:
         method = _METHOD_PATHS[rpc]
         if not self.auth.enabled or method in PUBLIC_METHODS:
@@ -187,7 +196,7 @@ class UnimpReplica:
             refused = self._authorize(rpc, call)
             if refused is not None:
                 await call.abort(refused.code, refused.message)
-            await self._sync()
+            await self._synced(call)
             result = await self.servicer.serve_unary(rpc, raw, call)
         except _Aborted:
             return _REPLIES[rpc]()  # the status on Serve's context is what the client gets
@@ -199,7 +208,7 @@ class UnimpReplica:
         refused = self._authorize(rpc, call)
         if refused is not None:
             await call.abort(refused.code, refused.message)  # raises: Serve keeps the code and message
-        await self._sync()
+        await self._synced(call)
         async for message in self.servicer.serve_stream(rpc, raw, call):
             call.trailing()
             yield message

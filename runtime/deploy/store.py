@@ -26,7 +26,7 @@ from typing import Any
 
 from runtime.api import CatalogItem, CatalogStore
 from runtime.server.store import CatalogEdit, StateStore, apply_catalog_edits
-from runtime.types import HistoryItem
+from runtime.types import HistoryItem, RuntimeError_, Unavailable
 
 STORE_TIMEOUT_S = 30.0
 """How long a replica's worker thread waits for the store deployment."""
@@ -116,7 +116,12 @@ class RemoteStore:
         self._own_edits: set[int] = set()
 
     def _call(self, method: str, *args: Any) -> Any:
-        return getattr(self._handle, method).remote(*args).result(timeout_s=STORE_TIMEOUT_S)
+        try:
+            return getattr(self._handle, method).remote(*args).result(timeout_s=STORE_TIMEOUT_S)
+        except RuntimeError_:
+            raise
+        except Exception as exc:  # the store replica is restarting, unreachable or timed out
+            raise Unavailable(f"the interaction store is unavailable ({type(exc).__name__}); retry shortly") from exc
 
     def history(self, tenant: str, user_id: str, limit: int) -> tuple[HistoryItem, ...]:
         return tuple(self._call("history", tenant, user_id, limit))
@@ -153,7 +158,10 @@ class RemoteStore:
 
     async def changes(self) -> Changes:
         """The store's changes after this replica's cursors (called on the replica's event loop)."""
-        result: Changes = await self._handle.changes.remote(self.epoch, self.edit_cursor, self.forget_cursor)
+        try:
+            result: Changes = await self._handle.changes.remote(self.epoch, self.edit_cursor, self.forget_cursor)
+        except Exception as exc:
+            raise Unavailable(f"the interaction store is unavailable ({type(exc).__name__}); retry shortly") from exc
         return result
 
     def apply(self, changes: Changes, catalog: CatalogStore, forget: Any) -> tuple[int, int]:

@@ -171,6 +171,12 @@ def main() -> int:
                 keep["field"] = want["field"]
             if not same(keep, {k: got[k] for k in keep}):
                 mismatches.append({"rpc": rpc, "unimp_serve": want, "ray": got})
+        # A deadline that passes ends the call with DEADLINE_EXCEEDED on both; the replica keeps serving.
+        slow = ppb.ExplainRequest(history=[ppb.HistoryItem(item_id="P00001", rating=4)],
+                                  target=ppb.HistoryItem(item_id="P00005"),
+                                  sampling=ppb.SamplingOptions(max_new_tokens=64))
+        codes.append(["Explain(deadline)", call(local_ch, "Explain", slow, TOKENS["shop"], timeout=0.005)["code"],
+                      call(ray_ch, "Explain", slow, TOKENS["shop"], timeout=0.005)["code"], None, None])
         report["codes"] = codes
         report["mismatches"] = mismatches
 
@@ -186,8 +192,8 @@ def main() -> int:
                 for _ in range(5)]
         report["carol_replicas"] = seen
         others = {call(ray_ch, "Recommend", ppb.RecommendRequest(history=[ppb.HistoryItem(
-            item_id=f"P0000{i % 10}", rating=3)], user_id="", options=ppb.DecodeOptions(top_k=2)), shop)["replica"]
-            for i in range(1, 10)}
+            item_id=f"P{i:05d}", rating=3)], user_id="", options=ppb.DecodeOptions(top_k=2)), shop)["replica"]
+            for i in range(1, 21)}  # 20 history keys: all on one replica has probability 2e-6
         report["replicas_seen"] = sorted(r for r in others | set(seen) if r)
 
         # Kill carol's replica; she must be answered elsewhere with her acknowledged history intact.

@@ -249,3 +249,31 @@ def test_router_reads_the_key_from_serve_pending_requests() -> None:
     want = affinity_key("Recommend", _raw(ppb.RecommendRequest(user_id="u1")), SHOP)
     assert want is not None and request_key(Pending([request])) == want  # type: ignore[arg-type]
     assert request_key(Pending([])) is None  # type: ignore[arg-type]
+
+
+def test_unreachable_store_is_unavailable() -> None:
+    import asyncio
+
+    from runtime.types import Unavailable
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            class Method:
+                def remote(self, *args: Any) -> Any:
+                    class Response:
+                        def result(self, timeout_s: float | None = None) -> Any:
+                            raise TimeoutError("store replica restarting")
+
+                        def __await__(self) -> Any:
+                            raise TimeoutError("store replica restarting")
+                            yield
+
+                    return Response()
+
+            return Method()
+
+    store = RemoteStore(Broken())
+    with pytest.raises(Unavailable, match="interaction store is unavailable"):
+        store.history("t", "u", 5)
+    with pytest.raises(Unavailable, match="interaction store is unavailable"):
+        asyncio.run(store.changes())
