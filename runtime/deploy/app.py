@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +155,6 @@ def app_builder(args: dict[str, Any]) -> Any:
 def start_cluster(config: ServerConfig, options: ClusterOptions, *, temp_dir: Path | None = None,
                   http_port: int = HTTP_PORT, num_cpus: int | None = None) -> None:
     """Start a local Ray (loopback) and Serve with the gRPC ingress on ``config.port``; deploy the app."""
-    import ray
     from ray import serve
 
     check_exposure(config)
@@ -166,7 +166,7 @@ def start_cluster(config: ServerConfig, options: ClusterOptions, *, temp_dir: Pa
     if num_cpus is not None:
         init["num_cpus"] = num_cpus
     os.environ.setdefault("RAY_SERVE_PROXY_USE_GRPC", "1")
-    ray.init(**init)
+    _init_ray(init, temp_dir)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options=grpc_options(config.port, options.request_timeout_s))
     deploy_app(config, options)
@@ -181,6 +181,37 @@ def deploy_app(config: ServerConfig, options: ClusterOptions, name: str = APP_NA
     from ray import serve
 
     serve.run(build_app(config, options), name=name, route_prefix=f"/{name}", blocking=False)
+
+
+RAY_START_ATTEMPTS = 3
+"""Ray waits a fixed 30 s for its raylet to register; on a loaded machine that can pass. With a private
+temp dir the half-started processes are identified and ended, and the start is tried again."""
+
+
+def _init_ray(init: dict[str, Any], temp_dir: Path | None) -> None:
+    import ray
+
+    from .sandbox import processes_mentioning
+
+    attempts = RAY_START_ATTEMPTS if temp_dir is not None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(**init)
+            return
+        except Exception as exc:
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            logger.warning("Ray did not start (attempt %d of %d): %s; retrying", attempt, attempts, exc)
+            try:
+                ray.shutdown()
+            except Exception:
+                pass
+            for pid in processes_mentioning(f"{temp_dir}/"):  # only processes of this private temp dir
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(1.0)
 
 
 def stop_cluster() -> None:

@@ -221,7 +221,7 @@ def main() -> int:
         report["stop_s"] = round(time.perf_counter() - t1, 2)
     leftover: list[int] = []
     for _ in range(50):
-        leftover = processes_mentioning(str(temp))
+        leftover = processes_mentioning(f"{temp}/")
         if not leftover:
             break
         time.sleep(0.2)
