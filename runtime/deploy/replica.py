@@ -46,7 +46,7 @@ from runtime.server.protos import personalization_pb2 as ppb
 from runtime.server.servicer import CATALOG, PERSONALIZATION, Servicer, ServingState
 from runtime.types import Unavailable
 
-from .store import RemoteStore
+from .store import Reader, RemoteStore, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ def _reply_types() -> dict[str, type[Message]]:
 
 
 _REPLIES = _reply_types()
+_HISTORY_RPCS: dict[str, Any] = {
+    m.name: getattr(ppb, m.input_type.name) for m in PERSONALIZATION.methods
+    if m.name not in ("RecordInteraction", "DeleteInteraction", "ForgetUser")
+}
+"""RPCs that read the stored history of their ``user_id``."""
 _METHOD_PATHS = {m.name: f"/{s.full_name}/{m.name}" for s in (PERSONALIZATION, CATALOG) for m in s.methods}
 
 
@@ -155,10 +160,27 @@ class UnimpReplica:
 
     # -- per call ------------------------------------------------------------------------------------
 
-    async def _sync(self) -> None:
-        """Apply catalog edits and user forgets made through other replicas (see runtime.deploy.store)."""
+    def _reader(self, rpc: str, raw: bytes, call: ServeCallContext) -> Reader | None:
+        """(tenant, user, limit) of the stored history this request will read, if any (best effort: a request
+        that fails to parse or authenticate reads nothing and fails in the servicer)."""
+        if rpc not in _HISTORY_RPCS:
+            return None
+        try:
+            user_id = _HISTORY_RPCS[rpc].FromString(raw).user_id
+            tenant = self.auth.principal(call.invocation_metadata()).tenant
+        except Exception:
+            return None
+        if not user_id or len(user_id) > self.config.limits.max_id_chars:
+            return None
+        return tenant, user_id, self.config.history_limit
+
+    async def _sync(self, reader: Reader | None = None) -> None:
+        """Apply catalog edits and user forgets made through other replicas (see runtime.deploy.store); with
+        ``reader``, the same store call prefetches the request's stored history."""
         async with self._sync_lock:
-            changes = await self.store.changes()
+            changes = await self.store.changes(reader)
+            if reader is not None and changes.history is not None:
+                prefetch(reader, changes.history)
             if not changes.edits and not changes.forgets and changes.epoch == self.store.epoch:
                 return
             engine = self.servicer.engine
@@ -171,10 +193,10 @@ class UnimpReplica:
 
             await asyncio.get_running_loop().run_in_executor(self.executor, apply)
 
-    async def _synced(self, call: ServeCallContext) -> None:
+    async def _synced(self, rpc: str, raw: bytes, call: ServeCallContext) -> None:
         """``_sync``, or end the call with UNAVAILABLE when the store cannot be reached."""
         try:
-            await self._sync()
+            await self._sync(self._reader(rpc, raw, call))
         except Unavailable as exc:
             status = errors.status_for(exc)
             await call.abort(status.code, status.message)
@@ -196,7 +218,7 @@ class UnimpReplica:
             refused = self._authorize(rpc, call)
             if refused is not None:
                 await call.abort(refused.code, refused.message)
-            await self._synced(call)
+            await self._synced(rpc, raw, call)
             result = await self.servicer.serve_unary(rpc, raw, call)
         except _Aborted:
             return _REPLIES[rpc]()  # the status on Serve's context is what the client gets
@@ -208,7 +230,7 @@ class UnimpReplica:
         refused = self._authorize(rpc, call)
         if refused is not None:
             await call.abort(refused.code, refused.message)  # raises: Serve keeps the code and message
-        await self._synced(call)
+        await self._synced(rpc, raw, call)
         async for message in self.servicer.serve_stream(rpc, raw, call):
             call.trailing()
             yield message

@@ -10,7 +10,8 @@ it through ``RemoteStore``, which has StateStore's interface, so the servicer is
   loses nothing acknowledged. A killed store replica is restarted by Serve on the same file (pin it to
   one node, or give it a persistent volume, in a multi-machine cluster; see the README).
 - Catalog edits are applied by the replica that served them and journaled here; every replica asks
-  the store for the journal rows and user forgets it has not seen yet (``changes``) before each
+  the store for the journal rows and user forgets it has not seen yet (``changes``, which also returns
+  the stored history the request will read, so a request costs one store round trip) before each
   request, so a catalog edit or a ForgetUser served by one replica is seen by the next request on any
   replica (read-your-writes across replicas), and prefix-cache entries of a forgotten user are dropped
   everywhere.
@@ -18,6 +19,7 @@ it through ``RemoteStore``, which has StateStore's interface, so the servicer is
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import uuid
 from dataclasses import dataclass
@@ -41,6 +43,22 @@ class Changes:
     edits: list[CatalogEdit]
     forgets: list[tuple[int, str, str]]
     """(sequence number, tenant, user id)."""
+    history: tuple[HistoryItem, ...] | None = None
+    """The stored history asked for with the changes (one round trip for both), if any."""
+
+
+Reader = tuple[str, str, int]
+"""(tenant, user id, limit) of a stored history to read along with the changes."""
+
+_PREFETCHED: contextvars.ContextVar[dict[Reader, tuple[HistoryItem, ...]] | None] = contextvars.ContextVar(
+    "unimp_prefetched_history", default=None)
+"""Histories read with the current call's changes; ``RemoteStore.history`` uses each one once."""
+
+
+def prefetch(reader: Reader, history: tuple[HistoryItem, ...]) -> None:
+    """Offer ``history`` to the current call's first ``RemoteStore.history(*reader)`` (worker threads
+    inherit the context)."""
+    _PREFETCHED.set({reader: history})
 
 
 class StoreService:
@@ -86,10 +104,12 @@ class StoreService:
             self.store.record_delete(item_id)
             return self.store.last_edit_seq()
 
-    def changes(self, epoch: str, after_edit: int, after_forget: int) -> Changes:
+    def changes(self, epoch: str, after_edit: int, after_forget: int, reader: Reader | None = None) -> Changes:
         with self._lock:
             forgets = [f for f in self._forgets if f[0] > after_forget] if epoch == self.epoch else []
-        return Changes(epoch=self.epoch, edits=self.store.catalog_edits(after_edit), forgets=forgets)
+        history = self.store.history(*reader) if reader is not None else None
+        return Changes(epoch=self.epoch, edits=self.store.catalog_edits(after_edit), forgets=forgets,
+                       history=history)
 
     def check_health(self) -> None:
         self.store.count("", "")
@@ -124,6 +144,9 @@ class RemoteStore:
             raise Unavailable(f"the interaction store is unavailable ({type(exc).__name__}); retry shortly") from exc
 
     def history(self, tenant: str, user_id: str, limit: int) -> tuple[HistoryItem, ...]:
+        prefetched = _PREFETCHED.get()
+        if prefetched is not None and (tenant, user_id, limit) in prefetched:
+            return prefetched.pop((tenant, user_id, limit))
         return tuple(self._call("history", tenant, user_id, limit))
 
     def record_interaction(self, tenant: str, user_id: str, item: HistoryItem, occurred_at_ms: int) -> tuple[int, int]:
@@ -156,10 +179,12 @@ class RemoteStore:
         self.edit_cursor = max((e.seq for e in changes.edits), default=0)
         return apply_catalog_edits(catalog, changes.edits)
 
-    async def changes(self) -> Changes:
-        """The store's changes after this replica's cursors (called on the replica's event loop)."""
+    async def changes(self, reader: Reader | None = None) -> Changes:
+        """The store's changes after this replica's cursors (called on the replica's event loop), with the
+        history of ``reader`` when given."""
         try:
-            result: Changes = await self._handle.changes.remote(self.epoch, self.edit_cursor, self.forget_cursor)
+            result: Changes = await self._handle.changes.remote(self.epoch, self.edit_cursor, self.forget_cursor,
+                                                                reader)
         except Exception as exc:
             raise Unavailable(f"the interaction store is unavailable ({type(exc).__name__}); retry shortly") from exc
         return result

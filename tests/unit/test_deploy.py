@@ -277,3 +277,28 @@ def test_unreachable_store_is_unavailable() -> None:
         store.history("t", "u", 5)
     with pytest.raises(Unavailable, match="interaction store is unavailable"):
         asyncio.run(store.changes())
+
+
+def test_history_prefetched_with_the_changes_saves_a_store_call(tmp_path: Path) -> None:
+    import asyncio
+
+    from runtime.deploy.store import prefetch
+
+    service = StoreService(str(tmp_path / "state"))
+    calls: list[str] = []
+
+    class Counting(_Handle):
+        def __getattr__(self, name: str) -> Any:
+            calls.append(name)
+            return super().__getattr__(name)
+
+    store = RemoteStore(Counting(service))
+    store.record_interaction("t", "u", HistoryItem(item_id="P1", rating=4), 1)
+    changes = asyncio.run(store.changes(("t", "u", 10)))
+    assert changes.history is not None and [h.item_id for h in changes.history] == ["P1"]
+    calls.clear()
+    prefetch(("t", "u", 10), changes.history)
+    assert [h.item_id for h in store.history("t", "u", 10)] == ["P1"] and calls == []  # served from the prefetch
+    assert [h.item_id for h in store.history("t", "u", 10)] == ["P1"] and calls == ["history"]  # used once
+    assert asyncio.run(store.changes()).history is None
+    service.store.close()
