@@ -60,8 +60,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     scale = parser.add_argument_group(
         "scale-out (Ray Serve; needs the 'ray' extra: pip install 'unimp-edge[ray]')",
         "--engine ray serves the same RPCs through Ray Serve's gRPC ingress on --port, which binds ALL "
-        "interfaces in plaintext: it needs --insecure, a firewall and TLS termination in front (README, "
-        "deployment). Replicas share one interaction store in --state-dir.")
+        "interfaces in plaintext (--host and tls.* do not apply): it needs --insecure, a firewall and TLS "
+        "termination in front (README, deployment). Replicas share one interaction store in --state-dir.")
     scale.add_argument("--engine", choices=["local", "ray"], default="local",
                        help="local: this process serves (default); ray: a local Ray cluster with Serve replicas")
     scale.add_argument("--replicas", type=int, default=None, metavar="N",
