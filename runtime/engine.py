@@ -10,6 +10,7 @@ sequence over the KV layout's core).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -121,13 +122,29 @@ def context_of(manifest: Manifest, config: RuntimeConfig) -> int:
     return config.max_context or positions
 
 
+def _physical_memory() -> int:
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
 def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
-    """KV rows (a beam each) the batcher may hand out: from ``kv_pool_bytes``, else room for ``max_active``
-    sequences plus one request of ``max_beams`` beams."""
+    """KV rows (a beam each) the batcher may hand out: from ``kv_pool_bytes``; by default room for
+    ``max_active`` sequences plus one request of ``max_beams`` beams, within half the machine's memory
+    (never fewer than ``max_beams`` rows)."""
     beams = config.limits.max_beams
-    if config.kv_pool_bytes <= 0:
-        return config.max_active + beams - 1
     row = pool_row_bytes(manifest, context_of(manifest, config))
+    if config.kv_pool_bytes <= 0:
+        rows = config.max_active + beams - 1
+        memory = _physical_memory()
+        if memory and rows * row > memory // 2:
+            rows = max(beams, memory // 2 // row)
+            log.info("KV pool: %d rows of %.1f MB fit half of this machine's %.1f GB", rows, row / 1e6, memory / 1e9)
+        if memory and rows * row > memory:
+            log.warning("KV pool: %d rows of %.1f MB exceed this machine's memory (%.1f GB) if all are used; "
+                        "lower --engine-max-context or --limits-max-beams", rows, row / 1e6, memory / 1e9)
+        return int(rows)
     rows = config.kv_pool_bytes // row
     if rows < beams:
         raise SettingsError(

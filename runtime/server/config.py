@@ -135,8 +135,8 @@ class EngineConfig:
         default=0,
         metadata=_help(
             "bytes of the decoder KV pool (inplace layout), allocated once at startup, in rows of max_context "
-            "positions (one row per beam); 0: max_active + limits.max_beams - 1 rows (untouched pages cost "
-            "no memory)"
+            "positions (one row per beam); 0: max_active + limits.max_beams - 1 rows, fewer if that exceeds "
+            "half the machine's memory, never fewer than limits.max_beams (untouched pages cost no memory)"
         ),
     )
     prefix_cache_bytes: int = field(
