@@ -65,6 +65,7 @@ from runtime.decoding.beam import BeamResult, BeamSearchConfig, beam_search
 from runtime.decoding.itemslice import admissible_items, item_topk
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.prompts import Prompt, ResolvedItem, encode, preference_prompt, recommendation_prompt
+from runtime.tasks.recommend import paper_beam_config
 from runtime.types import (
     BeamOptions,
     DecodeMode,
@@ -317,16 +318,7 @@ class _Bench:
         return self.rt.tokenizer.decode([int(x) for x in sequence], skip_special_tokens=True).strip()
 
     def beam_config(self, beam: BeamOptions) -> BeamSearchConfig:
-        t = self.rt.manifest.tokens
-        return BeamSearchConfig(
-            num_beams=beam.num_beams,
-            num_return_sequences=beam.num_return_sequences,
-            max_new_tokens=beam.max_new_tokens,
-            length_penalty=beam.length_penalty,
-            early_stopping=beam.early_stopping,
-            eos_token_id=t.eos,
-            pad_token_id=t.pad,
-        )
+        return paper_beam_config(self.rt.manifest.tokens, beam)
 
 
 def _open(ctx: BenchContext, settings: Settings) -> tuple[_Bench, dict[str, Any]]:

@@ -94,6 +94,17 @@ class _MediaKV(nn.Module):
         return tuple(t for kv in self.model.lm.media_memory(media_latents) for t in kv)
 
 
+KVPairs = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _split_caches(caches: tuple[torch.Tensor, ...], layers: int, blocks: int) -> tuple[KVPairs, KVPairs]:
+    """The flat graph inputs after the scalars -> per layer past K, V and per block cross-attention K, V."""
+    n = 2 * layers
+    past = [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
+    memory = [(caches[n + 2 * j], caches[n + 2 * j + 1]) for j in range(blocks)]
+    return past, memory
+
+
 class _Decoder(nn.Module):
     def __init__(self, model: UniMP) -> None:
         super().__init__()
@@ -109,9 +120,7 @@ class _Decoder(nn.Module):
         text_time: torch.Tensor,
         *caches: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        n = 2 * self.layers
-        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.layers)]
-        memory = [(caches[n + 2 * j], caches[n + 2 * j + 1]) for j in range(self.blocks)]
+        past, memory = _split_caches(caches, self.layers, self.blocks)
         hidden, presents = self.model.lm(input_ids, position_ids, attention_mask, text_time, past, memory)
         logits = self.model.lm.logits(hidden[:, -1])  # (B, V): only the last position is ever sampled
         return (logits, *[t for kv in presents for t in kv])
@@ -228,9 +237,7 @@ class _InplaceDecoder(nn.Module):
         logits_index: torch.Tensor,
         *caches: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        n = 2 * self.layers
-        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.layers)]
-        memory = [(caches[n + 2 * j], caches[n + 2 * j + 1]) for j in range(self.blocks)]
+        past, memory = _split_caches(caches, self.layers, self.blocks)
         logits, presents = self.decoder(input_ids, seqlens_k, total_sequence_length, text_time, logits_index,
                                         past, memory)
         return (logits, *[t for kv in presents for t in kv])

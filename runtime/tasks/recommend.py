@@ -15,6 +15,7 @@ from runtime.decoding.beam import AllowedTokensFn, BeamResult, BeamSearchConfig,
 from runtime.decoding.itemslice import admissible_items, hypothesis_items, item_topk
 from runtime.decoding.trie import TokenTrie
 from runtime.limits import DEFAULT_BEAMS
+from runtime.manifest import TokenIds
 from runtime.prompts import EncodedPrompt, recommendation_prompt, search_prompt
 from runtime.tasks.context import Prefilled, TaskContext
 from runtime.types import (
@@ -156,14 +157,13 @@ def _beam_items(ctx: TaskContext, pre: Prefilled, gen: Generator, beam: BeamOpti
     admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
     Possibly fewer items than hypotheses, possibly none."""
     t = ctx.manifest.tokens
-    result = _run_beams(ctx, pre, gen, _paper_beam_config(ctx, beam), cancel)
+    result = _run_beams(ctx, pre, gen, paper_beam_config(ctx.manifest.tokens, beam), cancel)
     ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
     return hypothesis_items(result, t.item_start, ok), int(result.steps)
 
 
-def _paper_beam_config(ctx: TaskContext, beam: BeamOptions) -> BeamSearchConfig:
+def paper_beam_config(t: TokenIds, beam: BeamOptions) -> BeamSearchConfig:
     """The request's beam options as HF-semantics beam search settings (the paper's DECODE_MODE_BEAM)."""
-    t = ctx.manifest.tokens
     return BeamSearchConfig(
         num_beams=beam.num_beams,
         num_return_sequences=beam.num_return_sequences,
@@ -237,7 +237,7 @@ def _semantic_items(ctx: TaskContext, trie: TokenTrie, pre: Prefilled, gen: Gene
     t = ctx.manifest.tokens
     ok = admissible_items(ctx.catalog.item_count, **masks)  # type: ignore[arg-type]
     if mode == DecodeMode.BEAM:
-        result = _run_beams(ctx, pre, gen, _paper_beam_config(ctx, beam), cancel)
+        result = _run_beams(ctx, pre, gen, paper_beam_config(ctx.manifest.tokens, beam), cancel)
         return _trie_items(result, trie.masked(ok).lookup)[:top_k], int(result.steps)
     if mode == DecodeMode.FAST:
         num_beams = _semantic_fast_beams(ctx, top_k)
