@@ -21,6 +21,7 @@ from runtime.decoder.pool import KVPool, RowSet
 from runtime.decoder.runner import PrefillRow
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.prompts import encode, preference_prompt
+from runtime.server.metrics import ServerMetrics
 from runtime.types import (
     BeamOptions,
     DecodeMode,
@@ -172,6 +173,10 @@ def test_concurrent_streams_copy_nothing_per_step(inplace: Runtime, concat: Runt
         if rt.decoder.kv_layout == "inplace":
             assert stepped == 0
             assert rt.decoder.pool.used == 0  # type: ignore[attr-defined]
+            metrics = ServerMetrics()  # the Prometheus series the server exposes, from the same stats
+            metrics.engine_stats = rt.stats
+            assert metrics.registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": "step"}) == 0.0
+            assert metrics.registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
         else:
             assert stepped > 0
 
@@ -236,17 +241,13 @@ def test_pool_fork_and_compaction() -> None:
 
 def test_copy_counter_has_every_cause_from_startup(tiny_artifacts: Path, tmp_path: Path) -> None:
     """unimp_decode_kv_copy_bytes_total{cause} exposes every cause before any request."""
-    from prometheus_client import CollectorRegistry
-
-    from runtime.server.metrics import _EngineStatsCollector
-
     rt = _open(tiny_artifacts, tmp_path)
     try:
-        registry = CollectorRegistry()
-        registry.register(_EngineStatsCollector(rt.stats))
+        metrics = ServerMetrics()
+        metrics.engine_stats = rt.stats
         for cause in ("join", "prefix", "fork", "leave", "step"):
-            assert registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": cause}) == 0.0
-        assert registry.get_sample_value("unimp_decode_kv_pool_bytes") == rt.decoder.pool_bytes > 0
-        assert registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
+            assert metrics.registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": cause}) == 0.0  # present, 0
+        assert metrics.registry.get_sample_value("unimp_decode_kv_pool_bytes") == rt.decoder.pool_bytes > 0
+        assert metrics.registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
     finally:
         rt.close()
