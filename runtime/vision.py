@@ -10,6 +10,7 @@ for every use.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -22,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Self
+from typing import IO, Protocol, Self
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ImageInput = bytes | Image.Image
 INDEX_NAME = "index.json"
+LOCK_NAME = "lock"
 INDEX_FORMAT = 1
 LATENT_DTYPE = np.float32
 
@@ -339,6 +341,9 @@ class ItemStore:
         """Pending items that a request encoded before the fill reached them."""
         self.written = 0
         """Entries the fill wrote since opening."""
+        self.read_only = False
+        """Another store owns ``cache_dir``: read its committed shards, write nothing (see ``_lock_dir``)."""
+        self._lock_file: IO[bytes] | None = None
 
     # -- what is stored (subclasses) ----------------------------------------------------------------
     def _compute(self, item_ids: Sequence[str]) -> tuple[np.ndarray, list[int]]:
@@ -353,16 +358,33 @@ class ItemStore:
 
     # -- opening -----------------------------------------------------------------------------------
     def _open(self, fill: bool, progress: bool) -> None:
+        self._lock_dir()
         self._load_index()
         self._scan()
         self._catalog.on_image_change(self.invalidate)
         if fill:
             self.fill(progress)
 
+    def _lock_dir(self) -> None:
+        """Own ``cache_dir`` (an exclusive lock on ``cache_dir/lock`` held until ``close``). When another
+        store holds it (another server, a running ``unimp catalog encode``), this one only reads the shards
+        that store had committed: it never writes, and computes what is missing in memory."""
+        handle = open(self.cache_dir / LOCK_NAME, "a+b")  # held until close()
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            self.read_only = True
+            log.warning("%s cache %s is in use by another process or store; reading it without writing",
+                        self.KIND, self.cache_dir)
+            return
+        self._lock_file = handle
+
     def _load_index(self) -> None:
         path = self.cache_dir / INDEX_NAME
         if not path.is_file():
-            self._remove_unlisted(set())
+            if not self.read_only:
+                self._remove_unlisted(set())
             return
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
@@ -378,7 +400,8 @@ class ItemStore:
         if not valid:
             if index:
                 log.info("%s cache %s was built for another graph; rebuilding", self.KIND, self.cache_dir)
-            self._reset()
+            if not self.read_only:
+                self._reset()
             return
         for name in index.get("shards", []):
             if not (isinstance(name, str) and name.startswith(self.SHARD_PREFIX) and name.endswith(".npy") and "/" not in name):
@@ -393,14 +416,17 @@ class ItemStore:
                 log.warning("%s shard %s has shape %s %s; ignoring it", self.KIND, name, array.shape, array.dtype)
                 continue
             self._shards[name] = array
-        self._remove_unlisted(set(self._shards))
+        if not self.read_only:
+            self._remove_unlisted(set(self._shards))
         try:
             for item_id, (shard, row, digest) in index.get("items", {}).items():
                 if shard in self._shards and 0 <= int(row) < len(self._shards[shard]):
                     self._rows[str(item_id)] = _Row(shard, int(row), str(digest))
         except (AttributeError, TypeError, ValueError) as exc:
             log.warning("%s cache index %s is malformed (%s); rebuilding", self.KIND, path, exc)
-            self._reset()
+            self._rows.clear()
+            if not self.read_only:
+                self._reset()
             return
         self._dead_rows = sum(len(a) for a in self._shards.values()) - len(self._rows)
 
@@ -482,7 +508,9 @@ class ItemStore:
 
     def fill_step(self) -> int:
         """Encode up to ``batch`` pending items into the open shard; returns how many were taken (0: none
-        pending)."""
+        pending; always 0 for a read-only store)."""
+        if self.read_only:
+            return 0
         with self._lock:
             take: list[tuple[str, str]] = []
             for item_id in list(self._todo):
@@ -553,6 +581,8 @@ class ItemStore:
 
     def commit(self) -> None:
         """Make the rows written so far durable: flush the open shard, then write the index."""
+        if self.read_only:
+            return
         with self._lock:
             if self._writer is not None:
                 self._writer.array.flush()  # type: ignore[attr-defined]
@@ -690,6 +720,8 @@ class ItemStore:
 
     def flush(self) -> None:
         """Persist the overlay as a new shard and the index; compacts when most shard rows are dead."""
+        if self.read_only:
+            return
         with self._lock:
             self._close_writer()
             if not self._dirty:
@@ -764,6 +796,9 @@ class ItemStore:
         with self._lock:
             self._shards.clear()
             self._rows.clear()
+            if self._lock_file is not None:
+                self._lock_file.close()  # releases the directory lock
+                self._lock_file = None
 
 
 class LatentStore(ItemStore):
