@@ -338,11 +338,13 @@ def encode_catalog(
         kv.max_batch = batch
     catalog = Catalog(root, manifest)
     latent_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(root)
-    reports = []
+    stores: list[ItemStore] = []
+    taken: dict[str, int] = {}
     try:
         latents = LatentStore.open(latent_dir, catalog, vision, manifest, progress=progress, fill=False, batch=batch)
-        kv_store = MediaKVStore.open(default_kv_dir(latent_dir), latents, kv, catalog, progress=progress, fill=False)
-        stores: list[ItemStore] = [latents, kv_store]
+        stores.append(latents)
+        stores.append(MediaKVStore.open(default_kv_dir(latent_dir), latents, kv, catalog, progress=progress,
+                                        fill=False))
         if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:
             from runtime.vqgan import CodeEncoder, CodeStore, VQGANCodec, default_codes_dir
 
@@ -352,20 +354,21 @@ def encode_catalog(
                 codec.encode_batch = batch
             stores.append(CodeStore.open(default_codes_dir(latent_dir), catalog, CodeEncoder(codec), manifest,
                                          fingerprint=codec.fingerprint, fill=False, batch=batch))
-        taken = {}
-        try:
-            for store in stores:
-                taken[store.KIND] = store.fill(progress)
-        finally:
-            for store in stores:
-                store.flush()
+        busy = [str(store.cache_dir) for store in stores if store.read_only]
+        if busy:
+            raise RuntimeError(f"{', '.join(busy)}: in use by another process (a server or another `unimp catalog "
+                               "encode` on the same artifacts); stop it first")
+        for store in stores:
+            taken[store.KIND] = store.fill(progress)
+        reports = []
         for store in stores:
             size = int(np.prod(store.shape)) * store.dtype.itemsize
+            store.flush()
             reports.append(StoreReport(store.KIND, store.cache_dir, store.written,
                                        taken.get(store.KIND, 0) - store.written, store.encoded, store.pending, size,
                                        store.disk_bytes()))
-        for store in stores:
-            store.close()
+        return reports
     finally:
+        for store in stores:
+            store.close()  # flushes what was written, also after an interrupt, and releases the directory
         catalog.close()
-    return reports

@@ -154,7 +154,7 @@ def test_catalog_edits_invalidate_the_items_kv(
         assert "P00002" not in store and "P00003" not in store
         assert store.pending == 1  # P00002 is queued again; the deleted P00003 is not
     kept = ["P00000", "P00001", "P00004", "P00005"]
-    after, _ = s.memory.memory_for([_Image(i) for i in kept + ["P00002"]])
+    after, _ = s.memory.memory_for([_Image(i) for i in [*kept, "P00002"]])
     rows = [_ids().index(i) for i in kept]
     for (k, v), (bk, bv) in zip(after, before):
         np.testing.assert_array_equal(k[:4], bk[rows])  # untouched rows are the stored ones
