@@ -201,7 +201,9 @@ def graph_bytes(ctx: BenchContext) -> dict[str, int]:
 
 def _open(ctx: BenchContext) -> Runtime:
     config = RuntimeConfig(backend=BackendConfig(intra_op_threads=ctx.threads), progress=not ctx.quick)
-    return Runtime.open(ctx.artifacts, config)
+    rt = Runtime.open(ctx.artifacts, config)
+    rt.catalog_encoder.wait_idle()  # measure with the catalog's stores filled, not beside their encoding
+    return rt
 
 
 def _requests(ctx: BenchContext, rt: Runtime) -> Requests:

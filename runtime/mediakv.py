@@ -244,10 +244,12 @@ class BackgroundEncoder:
         return sum(s.pending for s in self.stores)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
-        """Block until nothing is pending (True) or ``timeout`` seconds pass (False)."""
+        """Block until no store it can write has pending items (True), or until ``timeout`` seconds pass,
+        or while it is not running (paused, never started, stopped by an error): then False."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.pending:
-            if deadline is not None and time.monotonic() >= deadline:
+        while any(s.pending and not s.read_only for s in self.stores):
+            alive = self._thread is not None and self._thread.is_alive() and self._running.is_set()
+            if not alive or (deadline is not None and time.monotonic() >= deadline):
                 return False
             time.sleep(0.02)
         return True

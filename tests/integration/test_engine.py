@@ -125,8 +125,7 @@ def _answer_logprobs(rt: Runtime, prompt, candidates: np.ndarray) -> tuple[float
 
     t = rt.manifest.tokens
     enc = encode(prompt, rt.tokenizer, t.endofchunk, t.image)
-    latents, _ = rt._media_latents(prompt.images)
-    memory = rt.runner.media_kv(latents)
+    memory, _ = rt.media.memory_for(prompt.images)
     ws = rt.tokenizer.encode(" item_0", add_special_tokens=False).ids[:-1]
     assert [rt.tokenizer.id_to_token(i) for i in ws] == ["\u0120"]  # the demo's BPE: a whitespace token first
     logits0, _ = rt.runner.prefill([PrefillRow(enc.ids, memory)])
