@@ -528,9 +528,9 @@ class ItemStore:
                 fresh = [(take[i], k) for k, i in enumerate(ok) if self._changed.get(take[i][0], -1) <= epoch]
                 if fresh:
                     writer = self._open_writer(room)
-                    for (item_id, digest), k in fresh:
-                        if writer.used == len(writer.array):
-                            writer = self._open_writer(room)
+                    for j, ((item_id, digest), k) in enumerate(fresh):
+                        if writer.used == len(writer.array):  # full: the next shard holds what is left
+                            writer = self._open_writer(len(self._todo) + len(fresh) - j)
                         writer.array[writer.used] = entries[k]
                         if item_id in self._rows:
                             self._dead_rows += 1

@@ -295,3 +295,18 @@ def test_a_store_in_use_is_read_without_being_written(
     owner.close()
     reopened = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False, fill=False)
     assert not reopened.read_only and reopened.encoded == KEEP and reopened.pending == 0
+
+
+def test_fill_rolls_over_to_new_shards_sized_for_what_is_left(
+    tmp_path: Path, small_catalog: Catalog, manifest: Manifest, session: Any, tiny_artifacts: Path
+) -> None:
+    store = LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest, max_batch=3), manifest,
+                             progress=False, shard_items=4)
+    store.close()
+    assert sorted(np.load(p, mmap_mode="r").shape[0] for p in tmp_path.glob("latents-*.npy")) == [2, 4, 4]
+    encoder = VisionEncoder(session, manifest)
+    reopened = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
+    assert encoder.images_encoded == 0 and reopened.encoded == KEEP
+    expected = VisionEncoder(session, manifest).encode_images(_catalog_images(tiny_artifacts, KEEP))
+    np.testing.assert_allclose(reopened.get(_ids()), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    reopened.close()
