@@ -4,7 +4,8 @@ Usage (one scenario per process, so that every start is a real cold start of the
 
     PYTHONPATH=<code root> python benchmarks/catalog_startup.py ART [--empty-cache] [--requests N] [--threads N]
 
-Serves ``ART`` (a shadow of symlinks with its own ``.cache`` keeps ART untouched) through the in-process
+Serves ``ART`` (a shadow of symlinks with copies of its caches keeps ART untouched; ``.ort-cache``, the
+optimised graphs, is copied in every scenario) through the in-process
 gRPC server, records seconds from server creation to health SERVING, then Recommend latency over gRPC
 (3 catalog history items, top_k 10, fast mode): ``miss`` requests use a history no earlier request used
 (prefix-cache miss), ``hit`` repeats the first history (prefix-cache hit). With a background encoder
@@ -32,7 +33,9 @@ def _shadow(art: Path, into: Path, keep_cache: bool) -> Path:
         if entry.name in (".cache", ".ort-cache"):
             continue
         (into / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    if keep_cache and (art / ".cache").is_dir():
+    if (art / ".ort-cache").is_dir():  # optimised graphs: the same for every scenario
+        shutil.copytree(art / ".ort-cache", into / ".ort-cache")
+    if keep_cache and (art / ".cache").is_dir():  # the catalog stores
         shutil.copytree(art / ".cache", into / ".cache")
     return into
 
