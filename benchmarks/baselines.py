@@ -465,10 +465,10 @@ def _upstream_beam(b: _Bench, case: _Case, beam: BeamOptions) -> tuple[list[np.n
 
 def _runtime_hypotheses(b: _Bench, prompt: Prompt, beam: BeamOptions) -> BeamResult:
     """The runtime's own beam search on the prompt, returning hypotheses (``RecommendResult`` carries only
-    items). Uses the engine's internal prefill and beam loop: the same calls its BEAM mode makes."""
-    pre = b.rt._prefill(prompt, b.tenant(), None)
-    result: BeamResult = b.rt._run_beams(pre, b.beam_config(beam), None)
-    return result
+    items): the engine's prefill, a generator and the same beam search its BEAM mode runs."""
+    with b.rt.admit(None, beam.num_beams) as gen:
+        pre = b.rt.prefill(prompt, b.tenant(), None, generator=gen)
+        return beam_search(pre.logits, gen.advance_beams, b.beam_config(beam), logits_processor=b.rt.ban_special)
 
 
 class _TimedSession:
@@ -486,6 +486,14 @@ class _TimedSession:
         finally:
             self.durations.append(time.perf_counter() - t0)
 
+    def run_bound(self, feeds: dict[str, np.ndarray], bound: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        try:
+            out: dict[str, np.ndarray] = self.inner.run_bound(feeds, bound, outputs)
+            return out
+        finally:
+            self.durations.append(time.perf_counter() - t0)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
@@ -498,7 +506,8 @@ def _beam_profile(b: _Bench, history: tuple[HistoryItem, ...], case: _Case) -> d
     encoding of the history images (``Flamingo.generate`` repeats the images per beam).
     """
     s = b.settings
-    runner = b.rt.runner
+    core = b.rt.decoder
+    runner: Any = getattr(core, "runner", core)  # ConcatCore's runner or InplaceCore itself holds the session
     timed = _TimedSession(runner.decoder)
     runner.decoder = timed
     try:

@@ -270,7 +270,7 @@ def _concurrent_explain(rt: Runtime, requests: list[PreferenceRequest]) -> dict[
         except BaseException as exc:  # re-raised below, in the measuring thread
             results[k] = exc
 
-    steps0, rows0 = rt.scheduler.steps, rt.scheduler.batched_rows
+    steps0, rows0 = rt.batcher.steps, rt.batcher.batched_rows
     threads = [threading.Thread(target=worker, args=(k,), name=f"bench-stream-{k}") for k in range(n)]
     for th in threads:
         th.start()
@@ -284,12 +284,12 @@ def _concurrent_explain(rt: Runtime, requests: list[PreferenceRequest]) -> dict[
         raise errors[0]
     samples = [r for r in results if isinstance(r, Sample)]
     tokens = sum(s.timings.tokens for s in samples)
-    steps = rt.scheduler.steps - steps0
+    steps = rt.batcher.steps - steps0
     return {
         "wall_s": wall,
         "tokens": float(tokens),
         "tokens_per_s": tokens / wall,
-        "mean_batch_rows": (rt.scheduler.batched_rows - rows0) / steps if steps else 0.0,
+        "mean_batch_rows": (rt.batcher.batched_rows - rows0) / steps if steps else 0.0,
         "ttft_s": _median([s.wall_first for s in samples]),
         "tpot_s": _median([(s.wall - s.wall_first) / max(1, s.timings.tokens - 1) for s in samples]),
     }
@@ -324,8 +324,8 @@ def _prompt_tokens(rt: Runtime, req: Requests) -> dict[str, int]:
     from runtime.prompts import encode, history_from_request, preference_prompt
 
     t = rt.manifest.tokens
-    history = rt._resolve(history_from_request(req.rated))
-    (target,) = rt._resolve((req.target,), name="target")
+    history = rt.resolve(history_from_request(req.rated))
+    (target,) = rt.resolve((req.target,), name="target")
     enc = encode(preference_prompt(history, target, rt.config.max_history), rt.tokenizer, t.endofchunk, t.image)
     return {"prompt": len(enc.ids), "prefix": int(enc.prefix_len), "suffix": len(enc.ids) - int(enc.prefix_len)}
 
@@ -333,32 +333,37 @@ def _prompt_tokens(rt: Runtime, req: Requests) -> dict[str, int]:
 def _media_kv_s(rt: Runtime, req: Requests, repeats: int) -> float:
     """Median time of the cross-attention K/V of the explain prompt's images (every request pays it)."""
     latents = rt.latents.get([h.item_id for h in (*req.rated, req.target)])
-    rt.runner.media_kv(latents)
+    rt.decoder.media_kv(latents)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        rt.runner.media_kv(latents)
+        rt.decoder.media_kv(latents)
         times.append(time.perf_counter() - t0)
     return _median(times)
 
 
 def runner_step_s(rt: Runtime, rows: int, prompt_len: int, steps: int) -> float:
-    """Median time of one decoder step for ``rows`` rows of ``prompt_len`` context, through the runner alone
-    (no scheduler, no sampling): how much a batched step costs compared with a 1-row step."""
+    """Median time of one decoder step for ``rows`` rows of ``prompt_len`` context, through the decoder core
+    alone (no batcher hand-off, no sampling): how much a batched step costs compared with a 1-row step.
+    The rows are one prompt forked ``rows`` ways; the core is called from this thread while the batcher is
+    idle (nothing else decodes during a benchmark)."""
     from benchmarks.floor import prompt_ids
-    from runtime.decoder.runner import PrefillRow
+    from runtime.decoder.core import PrefillInput
 
     m = rt.manifest
     latents = np.zeros((1, m.vision.num_latents, m.vision.width), np.float32)
-    memory = rt.runner.media_kv(latents)
-    _, state = rt.runner.prefill([PrefillRow(prompt_ids(m, prompt_len), memory)] * rows)
+    memory = rt.decoder.media_kv(latents)
     tokens = np.full(rows, m.tokens.item_start, np.int64)
-    rt.runner.step([state], [tokens])  # warm-up for this batch shape
     times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        _, (state,) = rt.runner.step([state], [tokens])
-        times.append(time.perf_counter() - t0)
+    with rt.admit(None, rows) as gen:
+        gen.prefill(PrefillInput(prompt_ids(m, prompt_len), memory))
+        gen.fork(np.zeros(rows, np.int64))
+        assert gen.seq is not None
+        rt.decoder.step([gen.seq], [tokens])  # warm-up for this batch shape
+        for _ in range(min(steps, gen.room - 2)):
+            t0 = time.perf_counter()
+            rt.decoder.step([gen.seq], [tokens])
+            times.append(time.perf_counter() - t0)
     return _median(times)
 
 

@@ -50,12 +50,14 @@ def _versions() -> dict[str, str]:
 
 def export_checkpoint(
     ckpt: Path, out: Path, progress: bool = True, source: dict[str, Any] | None = None, diffusion: Path | None = None,
-    vqgan: Path | None = None,
+    vqgan: Path | None = None, kv_layout: str = "inplace",
 ) -> Manifest:
     """Load ``ckpt`` (checkpoint directory layout), export and validate every graph, write the manifest.
 
     ``diffusion`` (a diffusers directory) and ``vqgan`` (a taming VQGAN directory) add the optional image
-    generation graphs; ``source["vqgan"]`` then records the VQGAN's source and validation."""
+    generation graphs; ``source["vqgan"]`` then records the VQGAN's source and validation. ``kv_layout``:
+    the decoder's KV cache form (export.specs.KV_LAYOUTS; "inplace" for onnxruntime, "concat" for
+    TensorRT 10.3)."""
     ckpt, out = Path(ckpt), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -70,7 +72,7 @@ def export_checkpoint(
     names = DecoderNames()
     graphs: dict[str, GraphEntry] = {}
     report: dict[str, Any] = {}
-    for spec in all_specs(model, names):
+    for spec in all_specs(model, names, kv_layout):
         rel = f"{spec.name}.onnx"
         steps.set_postfix_str(f"exporting {spec.name}")
         t0 = time.perf_counter()
@@ -132,6 +134,8 @@ def export_checkpoint(
             xattn_layers=cfg.lm.xattn_layers,
             xattn_heads=cfg.lm.xattn_heads,
             xattn_head_dim=cfg.lm.xattn_dim_head,
+            kv_layout=kv_layout,
+            attention="gqa" if kv_layout == "inplace" else "mha",
         ),
         tokens=TokenIds(**{f.name: getattr(vocab, f.name) for f in fields(TokenIds)}),
         graphs=graphs,
@@ -172,7 +176,7 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
-    semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False,
+    semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False, kv_layout: str = "inplace",
 ) -> Manifest:
     """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
 
@@ -200,7 +204,8 @@ def export_demo(
         from export.modeling.vqgan import build_demo_vqgan
 
         vqgan_dir = build_demo_vqgan(ckpt / "vqgan", seed=seed)
-    return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir, vqgan=vqgan_dir)
+    return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir, vqgan=vqgan_dir,
+                             kv_layout=kv_layout)
 
 
 def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -210,7 +215,7 @@ def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[
     ckpt = checkpoint or (directory / manifest.source["checkpoint"])
     loaded = load_checkpoint(ckpt)
     result: dict[str, Any] = {"artifacts": str(directory), "checkpoint": str(ckpt), "graphs": {}}
-    for spec in all_specs(loaded.model, manifest.names):
+    for spec in all_specs(loaded.model, manifest.names, manifest.decoder.kv_layout):
         entry = manifest.graphs[spec.name]
         result["graphs"][spec.name] = validate_graph(spec, directory / entry.file)
     if any(k in manifest.graphs for k in ("unet", "text_encoder", "vae_decoder")):

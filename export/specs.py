@@ -10,6 +10,11 @@ The decoder contract (names in runtime.manifest.DecoderNames):
   (0 = none). Prefill passes all of a row's images (S = M * n); decode passes the row's last image (S = n)
   with text_time 1 (0 for rows without images), so one call advances rows with different past lengths and
   image counts.
+* ``decoder`` in the ``inplace`` layout (``KV_LAYOUTS``; export.modeling.static_cache): input_ids / text_time
+  (B, S), seqlens_k (B,) int32, total_sequence_length () int32, logits_index (B,) int64, per layer past K, V
+  (B, H, L, hd) and the same cross-attention K, V -> logits (B, V) and per layer present K, V (B, H, L, hd),
+  which the runtime binds to the past buffers (one memory, updated at each row's positions). Rows start
+  at position 0 (right padding); no position ids or attention mask: the op derives them from seqlens_k.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import nn
 
 from export.modeling.model import UniMP
+from export.modeling.static_cache import StaticCacheDecoder
 from runtime.manifest import DecoderNames, TensorSpec
 
 Shapes = dict[str, int]
@@ -206,5 +212,103 @@ def decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
     )
 
 
-def all_specs(model: UniMP, names: DecoderNames) -> list[GraphSpec]:
-    return [vision_spec(model, names), media_kv_spec(model, names), decoder_spec(model, names)]
+class _InplaceDecoder(nn.Module):
+    def __init__(self, model: UniMP) -> None:
+        super().__init__()
+        self.decoder = StaticCacheDecoder(model.lm)
+        self.layers = model.cfg.lm.num_hidden_layers
+        self.blocks = len(model.cfg.lm.xattn_layers)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        seqlens_k: torch.Tensor,
+        total_sequence_length: torch.Tensor,
+        text_time: torch.Tensor,
+        logits_index: torch.Tensor,
+        *caches: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        n = 2 * self.layers
+        past = [(caches[2 * i], caches[2 * i + 1]) for i in range(self.layers)]
+        memory = [(caches[n + 2 * j], caches[n + 2 * j + 1]) for j in range(self.blocks)]
+        logits, presents = self.decoder(input_ids, seqlens_k, total_sequence_length, text_time, logits_index,
+                                        past, memory)
+        return (logits, *[t for kv in presents for t in kv])
+
+
+def inplace_decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
+    """The ``inplace`` decoder. Validation cases: a first prompt (all rows full: ORT leaves the K/V of
+    right-padding positions unspecified, so padded prompts are checked through the runtime's logits
+    instead), decode steps with per-row lengths, and a prompt continued after a cached prefix."""
+    c = model.cfg.lm
+    n = model.num_latents
+    hd, h = c.head_dim, c.num_attention_heads
+    ids = TensorSpec(names.input_ids, "int64", ["batch", "seq"])
+    seqlens = TensorSpec(names.seqlens_k, "int32", ["batch"])
+    total = TensorSpec(names.total_sequence_length, "int32", [])
+    ttime = TensorSpec(names.text_time, "int64", ["batch", "seq"])
+    index = TensorSpec(names.logits_index, "int64", ["batch"])
+    past, present, memory = [], [], []
+    for i in range(c.num_hidden_layers):
+        for tmpl in (names.past_key, names.past_value):
+            past.append(TensorSpec(tmpl.format(layer=i), "float32", ["batch", h, "capacity", hd]))
+        for tmpl in (names.present_key, names.present_value):
+            present.append(TensorSpec(tmpl.format(layer=i), "float32", ["batch", h, "capacity", hd]))
+    for j in range(len(c.xattn_layers)):
+        for tmpl in (names.xattn_key, names.xattn_value):
+            memory.append(TensorSpec(tmpl.format(block=j), "float32", ["batch", c.xattn_heads, "media", c.xattn_dim_head]))
+    logits = TensorSpec(names.logits, "float32", ["batch", c.vocab_size])
+
+    def sample(d: Shapes) -> dict[str, torch.Tensor]:
+        # "past": row 0's valid past length; row r has past - r (>= 0); "capacity": buffer length
+        b, t, p, m, cap = d["batch"], d["seq"], d["past"], d["media"], d["capacity"]
+        g = torch.Generator().manual_seed(b * 1000 + t * 100 + p)
+        lengths = [max(0, p - r) + t for r in range(b)] if p else [t] * b
+        feeds: dict[str, torch.Tensor] = {
+            ids.name: torch.randint(0, c.vocab_size, (b, t), generator=g),
+            seqlens.name: torch.tensor([x - 1 for x in lengths], dtype=torch.int32),
+            total.name: torch.tensor(max(lengths), dtype=torch.int32),
+            ttime.name: torch.randint(0, m // n + 1, (b, t), generator=g),
+            index.name: torch.full((b,), t - 1, dtype=torch.int64),
+        }
+        for spec in past:
+            buf = torch.zeros(b, h, cap, hd)  # beyond each row's past: zeros, as ORT writes a fresh present
+            for r, x in enumerate(lengths):
+                buf[r, :, : x - t] = torch.randn(h, x - t, hd, generator=g)
+            feeds[spec.name] = buf
+        for spec in memory:
+            feeds[spec.name] = torch.randn(b, c.xattn_heads, m, c.xattn_dim_head, generator=g)
+        return feeds
+
+    cap = c.max_position_embeddings
+    dims_lo = {"batch": 1, "seq": 1, "capacity": 2, "media": n}
+    dims_opt = {"batch": 4, "seq": 1, "capacity": cap, "media": n}
+    dims_hi = {"batch": 16, "seq": cap, "capacity": cap + 1, "media": 8 * n}
+    profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, ttime, *past, *memory]}
+    return GraphSpec(
+        "decoder",
+        _InplaceDecoder(model),
+        [ids, seqlens, total, ttime, index, *past, *memory],
+        [logits, *present],
+        sample,
+        {"batch": 2, "seq": 5, "past": 0, "media": 2 * n, "capacity": 16},
+        [
+            {"batch": 3, "seq": 7, "past": 0, "media": 3 * n, "capacity": 12},  # first prompt, several images
+            {"batch": 4, "seq": 1, "past": 9, "media": n, "capacity": 16},  # decode step, lengths 10, 9, 8, 7
+            {"batch": 1, "seq": 4, "past": 6, "media": 2 * n, "capacity": 12},  # prompt after a cached prefix
+        ],
+        profiles=profiles,
+        atol=1e-4,
+        rtol=1e-3,
+    )
+
+
+KV_LAYOUTS = ("inplace", "concat")
+"""Decoder KV layouts ``unimp export --kv-layout`` writes (runtime.manifest.DecoderDims.kv_layout)."""
+
+
+def all_specs(model: UniMP, names: DecoderNames, kv_layout: str = "inplace") -> list[GraphSpec]:
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    decoder = inplace_decoder_spec(model, names) if kv_layout == "inplace" else decoder_spec(model, names)
+    return [vision_spec(model, names), media_kv_spec(model, names), decoder]

@@ -24,10 +24,11 @@ def _export(args: argparse.Namespace) -> int:
         if args.demo:
             manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
                                    with_diffusion=not args.no_diffusion, semantic_ids=args.semantic_ids,
-                                   with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids))
+                                   with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids),
+                                   kv_layout=args.kv_layout)
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
-                                         diffusion=args.diffusion, vqgan=args.vqgan)
+                                         diffusion=args.diffusion, vqgan=args.vqgan, kv_layout=args.kv_layout)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer, catalog and shop")
     p.add_argument("--untrained", action="store_true",
                    help="with --demo: keep the seeded random weights instead of training on the synthetic shop")
+    p.add_argument("--kv-layout", choices=["inplace", "concat"], default="inplace",
+                   help="decoder KV cache form: inplace (GroupQueryAttention over a static buffer written in place; "
+                        "onnxruntime CPU/CUDA) or concat (present = Concat(past, new), for TensorRT 10.3 / "
+                        "JetPack 6); default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_export)
 

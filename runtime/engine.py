@@ -3,7 +3,8 @@
 Request path: resolve the history against the catalog -> build the UniMP prompt -> media latents (cached
 for catalog items, encoded for inline images) -> cross-attention K/V once per image -> prefix-cache lookup
 -> prefill -> a decoding strategy (item-slice top-k, beam search, rating distribution, streamed text),
-whose decode steps are batched with other requests' by the scheduler.
+whose decode steps are batched with other requests' by the batcher (runtime.decoder: a ``Generator`` per
+sequence over the KV layout's core).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from tokenizers import Tokenizer
 from runtime.api import ImageProgress, ImageRequest, ImageResult
 from runtime.backends import BackendConfig, open_session
 from runtime.catalog import Catalog
-from runtime.decoder.kv_cache import PrefixCache, RowState, prefix_key
-from runtime.decoder.runner import DecoderRunner, PrefillRow, prefix_entry
+from runtime.decoder.batcher import Batcher
+from runtime.decoder.core import ConcatCore, DecoderCore, InplaceCore, PrefillInput
+from runtime.decoder.generator import Generator
+from runtime.decoder.kv_cache import PrefixCache, prefix_key
 from runtime.decoding.beam import AllowedTokensFn, BeamResult, BeamSearchConfig, beam_search
 from runtime.decoding.detokenize import IncrementalDetokenizer, StrippedPieces
 from runtime.decoding.itemslice import (
@@ -48,7 +51,6 @@ from runtime.prompts import (
     search_prompt,
     selection_prompt,
 )
-from runtime.scheduler import DecodeScheduler, Slot, check_cancel
 from runtime.types import (
     BeamOptions,
     CancelToken,
@@ -69,6 +71,7 @@ from runtime.types import (
     SelectResult,
     TextPiece,
     Timings,
+    check_cancel,
 )
 from runtime.vision import ItemStore, LatentStore, VisionEncoder
 
@@ -93,6 +96,11 @@ class RuntimeConfig:
     """Byte budget of the prompt-prefix KV cache (LRU)."""
     max_active: int = 8
     """Sequences decoding at once (continuous batching width)."""
+    max_context: int = 0
+    """Longest sequence (prompt + generated tokens) a request may reach; 0: the model's max_positions."""
+    kv_pool_bytes: int = 0
+    """KV pool of the inplace decoder layout, allocated once (untouched pages cost no memory); 0: room for
+    ``max_active`` sequences plus one request of ``limits.max_beams`` beams at ``max_context``."""
     max_queued: int = 32
     """Requests waiting for a decode slot before new ones are refused (Overloaded)."""
     max_history: int = 4
@@ -103,14 +111,67 @@ class RuntimeConfig:
 
 
 @dataclass
-class _Prefilled:
+class Prefilled:
+    """A prompt's prefill: where its logits came from and what it cost."""
+
     logits: np.ndarray
     """(V,) last-position logits."""
-    state: RowState
     prompt: Prompt
     vision_s: float
     prefill_s: float
     hit: bool
+
+
+class SettingsError(ValueError):
+    """A RuntimeConfig value the artifacts cannot serve (the message starts with the setting's name)."""
+
+
+def pool_row_bytes(manifest: Manifest, max_context: int) -> int:
+    """Bytes of one KV pool row: every layer's K and V at ``max_context`` + 1 positions and every
+    cross-attention block's last-image K and V (float32)."""
+    d = manifest.decoder
+    kv = 2 * d.num_layers * d.num_heads * (max_context + 1) * d.head_dim
+    memory = 2 * len(d.xattn_layers) * d.xattn_heads * manifest.vision.num_latents * d.xattn_head_dim
+    return 4 * (kv + memory)
+
+
+def context_of(manifest: Manifest, config: RuntimeConfig) -> int:
+    """The serving maximum context: ``config.max_context`` within the model's positions (0: all of them)."""
+    positions = manifest.decoder.max_positions
+    if config.max_context < 0 or config.max_context > positions:
+        raise SettingsError(f"max_context: must be in 0..{positions} (the model's positions), got {config.max_context}")
+    return config.max_context or positions
+
+
+def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
+    """KV rows (a beam each) the batcher may hand out: from ``kv_pool_bytes``, else room for ``max_active``
+    sequences plus one request of ``max_beams`` beams."""
+    beams = config.limits.max_beams
+    if config.kv_pool_bytes <= 0:
+        return config.max_active + beams - 1
+    row = pool_row_bytes(manifest, context_of(manifest, config))
+    rows = config.kv_pool_bytes // row
+    if rows < beams:
+        raise SettingsError(
+            f"kv_pool_bytes: {config.kv_pool_bytes} bytes hold {rows} KV rows of {row} bytes "
+            f"(max_context {context_of(manifest, config)}), fewer than limits.max_beams ({beams}); "
+            "raise kv_pool_bytes, lower max_context or lower limits.max_beams"
+        )
+    return int(rows)
+
+
+def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig) -> DecoderCore:
+    """The decoder core for the manifest's KV layout."""
+    graphs, backend = manifest.graphs, config.backend
+    decoder = open_session(root / graphs["decoder"].file, backend)
+    media_kv = open_session(root / graphs["media_kv"].file, backend)
+    context = context_of(manifest, config)
+    layout = manifest.decoder.kv_layout
+    if layout == "inplace":
+        return InplaceCore(decoder, media_kv, manifest, slots=_pool_rows(manifest, config), max_context=context)
+    if layout == "concat":
+        return ConcatCore(decoder, media_kv, manifest, max_context=context)
+    raise ValueError(f"manifest decoder.kv_layout {layout!r} is not one this runtime serves (inplace, concat)")
 
 
 class Runtime:
@@ -124,11 +185,7 @@ class Runtime:
         graphs = manifest.graphs
         self.tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
         self.vision = VisionEncoder(open_session(root / graphs["vision"].file, backend), manifest)
-        self.runner = DecoderRunner(
-            open_session(root / graphs["decoder"].file, backend),
-            open_session(root / graphs["media_kv"].file, backend),
-            manifest,
-        )
+        self.decoder = _open_core(root, manifest, config)
         self._catalog = Catalog(root, manifest, state_dir=config.state_dir)
         cache_dir = config.latent_cache_dir or root / ".cache" / "latents"
         self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, fill=False)
@@ -137,7 +194,7 @@ class Runtime:
         self.media = MediaMemory(self.vision, kv, self.media_kv)
         stores: list[ItemStore] = [self.latents, self.media_kv]
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
-        self.scheduler = DecodeScheduler(self.runner, config.max_active, config.max_queued)
+        self.batcher = Batcher(self.decoder, config.max_active, config.max_queued, rows=_pool_rows(manifest, config))
         self._vqgan = None
         self.codes = None
         if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:
@@ -158,7 +215,7 @@ class Runtime:
 
             self._diffusion = DiffusionPipeline.from_artifacts(root, manifest, lambda p: open_session(p, backend))
         t = manifest.tokens
-        self._banned = np.array([t.image, t.answer, t.pad], np.int64)
+        self.ban_specialned = np.array([t.image, t.answer, t.pad], np.int64)
         self.requests = 0
         self._semantic_trie: TokenTrie | None = None
         """Semantic-ID items: every table row spelled after the answer prefix (built once: the table never
@@ -175,12 +232,17 @@ class Runtime:
         return cls(root, manifest, config or RuntimeConfig())
 
     @property
+    def max_context(self) -> int:
+        """Longest sequence (prompt + generated) a request may reach."""
+        return self.decoder.max_context
+
+    @property
     def catalog(self) -> Catalog:
         return self._catalog
 
     def close(self) -> None:
         """Stop decoding and the background encoder, persist entries computed since start-up, close the catalog."""
-        self.scheduler.close()
+        self.batcher.close()
         self.catalog_encoder.close()
         self.latents.close()
         self.media_kv.close()
@@ -194,17 +256,22 @@ class Runtime:
 
     def stats(self) -> dict[str, float]:
         pc = self.prefix_cache
+        copied = {f"kv_copy_bytes_{cause}": float(v) for cause, v in self.decoder.copy_bytes().items()}
         return {
-            "kv_bytes": float(self.scheduler.kv_bytes),
+            **copied,
+            "kv_pool_bytes": float(self.decoder.pool_bytes),
+            "kv_pool_rows": float(self.batcher.rows),
+            "kv_pool_rows_used": float(self.batcher.reserved_rows),
+            "kv_bytes": float(self.batcher.kv_bytes),
             "prefix_cache_bytes": float(pc.bytes),
             "prefix_cache_entries": float(len(pc)),
             "prefix_cache_hits": float(pc.hits),
             "prefix_cache_misses": float(pc.misses),
             "prefix_cache_hit_rate": pc.hit_rate,
-            "queue_depth": float(self.scheduler.queue_depth),
-            "active_sequences": float(self.scheduler.active),
-            "decode_steps": float(self.scheduler.steps),
-            "decode_rows": float(self.scheduler.batched_rows),
+            "queue_depth": float(self.batcher.queue_depth),
+            "active_sequences": float(self.batcher.active),
+            "decode_steps": float(self.batcher.steps),
+            "decode_rows": float(self.batcher.batched_rows),
             **self.catalog_stats(),
         }
 
@@ -220,7 +287,7 @@ class Runtime:
         return out
 
     # -- request plumbing -------------------------------------------------------------------------------
-    def _resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
+    def resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
         """Items checked by the same rule RecordInteraction writes with, resolved against the catalog."""
         return tuple(self._resolve_one(item, f"{name}[{k}]") for k, item in enumerate(items))
 
@@ -241,36 +308,46 @@ class Runtime:
         return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
                             has_image, self._catalog.semantic_codes(token))
 
-    def _prefill(self, prompt: Prompt | EncodedPrompt, tenant: str, cancel: CancelToken | None,
-                 user_id: str = "") -> _Prefilled:
-        """Prefill one prompt (tokenized here unless ``_fit`` already did) through the prefix cache."""
+    def admit(self, cancel: CancelToken | None = None, rows: int = 1):  # type: ignore[no-untyped-def]
+        """A decode ``Generator`` with ``rows`` KV rows (beams) reserved (context manager; Overloaded when the
+        queue is full). Tasks that only need the prompt's logits do not take one."""
+        return self.batcher.admit(cancel, rows)
+
+    def prefill(self, prompt: Prompt | EncodedPrompt, tenant: str, cancel: CancelToken | None,
+                user_id: str = "", generator: Generator | None = None) -> Prefilled:
+        """Prefill one prompt (tokenized here unless ``_fit`` already did) through the prefix cache.
+
+        With ``generator`` the prompt's KV goes into its first row for decoding; without, into buffers of
+        the prompt's own (for tasks that read only the prompt's logits)."""
         check_cancel(cancel)
         t = self.manifest.tokens
         enc = prompt if isinstance(prompt, EncodedPrompt) else encode(prompt, self.tokenizer, t.endofchunk, t.image)
         prompt = enc.prompt
-        if len(enc.ids) >= self.manifest.decoder.max_positions:
+        limit = self.decoder.max_context
+        if len(enc.ids) >= limit:
             raise InvalidRequest(
-                f"history: prompt of {len(enc.ids)} tokens exceeds the model's "
-                f"{self.manifest.decoder.max_positions} positions",
+                f"history: prompt of {len(enc.ids)} tokens exceeds the {limit}-token context "
+                f"(the model has {self.manifest.decoder.max_positions} positions)",
                 field="history",
             )
         memory, vision_s = self.media.memory_for(prompt.images)
         check_cancel(cancel)
         t0 = time.perf_counter()
-        hit = False
+        entry, key, owner = None, "", None
         if enc.prefix_len:
             key = prefix_key(tenant, enc.ids[: enc.prefix_len], [it.image_key for it in prompt.images[: prompt.prefix_images]])
             owner = (tenant, user_id) if user_id else None
             entry = self.prefix_cache.get(key, owner)
-            if entry is not None:
-                logits, state = self.runner.prefill_with_prefix(entry, enc.ids[enc.prefix_len :], memory)
-                hit = True
-            else:
-                logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
-                self.prefix_cache.put(key, prefix_entry(state, 0, enc.prefix_len, prompt.prefix_images), owner)
+        request = PrefillInput(enc.ids, memory, prompt.prefix_images, entry,
+                               keep_prefix=enc.prefix_len if entry is None else 0)
+        if generator is not None:
+            generator.cancel = cancel
+            out = generator.prefill(request)
         else:
-            logits, state = self.runner.prefill([PrefillRow(enc.ids, memory)])
-        return _Prefilled(logits[0], state, prompt, vision_s, time.perf_counter() - t0, hit)
+            out = self.decoder.prefill_private(request)
+        if out.entry is not None:
+            self.prefix_cache.put(key, out.entry, owner)
+        return Prefilled(out.logits, prompt, vision_s, time.perf_counter() - t0, entry is not None)
 
     def _fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> EncodedPrompt:
         """The prompt with the most recent history items (up to ``max_history``) that fits the model.
@@ -280,7 +357,7 @@ class Runtime:
         fit, the error names the newest history item if the prompt would fit without its chunk, else
         ``blame`` (``query``, ``target``, ``candidates``), with the token counts.
         """
-        limit = self.manifest.decoder.max_positions - 1
+        limit = self.decoder.max_context - 1
         t = self.manifest.tokens
         n = history_len if self.config.max_history <= 0 else min(self.config.max_history, history_len)
         n = start = max(n, 1)
@@ -331,20 +408,20 @@ class Runtime:
             raise InvalidRequest(f"beam.max_new_tokens: must be in 1..{lim.max_new_tokens}, got {beam.max_new_tokens}",
                                  field="beam.max_new_tokens")
 
-    def _ban(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    def ban_special(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         scores = np.array(scores, copy=True)
-        scores[..., self._banned] = -np.inf  # no new image, answer or pad token can be generated
+        scores[..., self.ban_specialned] = -np.inf  # no new image, answer or pad token can be generated
         return scores
 
     # -- recommendation and search ----------------------------------------------------------------------
     def recommend(self, request: RecommendRequest) -> RecommendResult:
-        history = self._resolve(request.history)
+        history = self.resolve(request.history)
         prompt = self._fit(lambda n: recommendation_prompt(history, n), len(history), f"history[{len(history) - 1}]")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel, request.user_id)
 
     def search(self, request: SearchRequest) -> RecommendResult:
-        history = self._resolve(request.history)
+        history = self.resolve(request.history)
         prompt = self._fit(lambda n: search_prompt(history, request.query, n), len(history), "query")
         return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
                                 request.cancel, request.user_id)
@@ -390,26 +467,27 @@ class Runtime:
             )
         t_start = time.perf_counter()
         self.requests += 1
-        pre = self._prefill(prompt, tenant, cancel, user_id)
         t = self.manifest.tokens
         masks = self._item_masks(item_filter, prompt.prompt.history_tokens)
         decode_s, tokens = 0.0, 0
-        if self._semantic_trie is not None:
-            t0 = time.perf_counter()
-            ranked, tokens = self._semantic_items(self._semantic_trie, pre, top_k, mode, beam, masks, cancel)
-            decode_s = time.perf_counter() - t0
-        elif mode == DecodeMode.FAST:
-            top = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks)  # type: ignore[arg-type]
-            ranked = top.pairs()
-        elif mode == DecodeMode.BEAM_CONSTRAINED:
-            t0 = time.perf_counter()
-            ranked, tokens = self._constrained_beam_items(pre, top_k, beam, masks, cancel)
-            decode_s = time.perf_counter() - t0
+        if self._semantic_trie is None and mode == DecodeMode.FAST:  # the prompt's logits alone
+            pre = self.prefill(prompt, tenant, cancel, user_id)
+            ranked = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks).pairs()  # type: ignore[arg-type]
         else:
-            t0 = time.perf_counter()
-            ranked, tokens = self._beam_items(pre, beam, masks, cancel)
-            ranked = ranked[:top_k]
-            decode_s = time.perf_counter() - t0
+            rows = beam.num_beams
+            if self._semantic_trie is not None and mode == DecodeMode.FAST:
+                rows = self._semantic_fast_beams(top_k)
+            with self.admit(cancel, rows) as gen:
+                pre = self.prefill(prompt, tenant, cancel, user_id, gen)
+                t0 = time.perf_counter()
+                if self._semantic_trie is not None:
+                    ranked, tokens = self._semantic_items(self._semantic_trie, pre, gen, top_k, mode, beam, masks, cancel)
+                elif mode == DecodeMode.BEAM_CONSTRAINED:
+                    ranked, tokens = self._constrained_beam_items(pre, gen, top_k, beam, masks, cancel)
+                else:
+                    ranked, tokens = self._beam_items(pre, gen, beam, masks, cancel)
+                    ranked = ranked[:top_k]
+                decode_s = time.perf_counter() - t0
         items = []
         for index, score in ranked:
             entry = self._catalog.by_token(index)
@@ -419,7 +497,8 @@ class Runtime:
         return RecommendResult(tuple(items), timings)
 
     def _beam_items(
-        self, pre: _Prefilled, beam: BeamOptions, masks: dict[str, np.ndarray | None], cancel: CancelToken | None
+        self, pre: Prefilled, gen: Generator, beam: BeamOptions, masks: dict[str, np.ndarray | None],
+        cancel: CancelToken | None,
     ) -> tuple[list[tuple[int, float]], int]:
         """Paper-parity beam search over the whole vocabulary; returns the items the hypotheses spell.
 
@@ -427,7 +506,7 @@ class Runtime:
         admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
         Possibly fewer items than hypotheses, possibly none."""
         t = self.manifest.tokens
-        result = self._run_beams(pre, self._paper_beam_config(beam), cancel)
+        result = self._run_beams(pre, gen, self._paper_beam_config(beam), cancel)
         ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
         return hypothesis_items(result, t.item_start, ok), int(result.steps)
 
@@ -445,7 +524,7 @@ class Runtime:
         )
 
     def _constrained_beam_items(
-        self, pre: _Prefilled, top_k: int, beam: BeamOptions, masks: dict[str, np.ndarray | None],
+        self, pre: Prefilled, gen: Generator, top_k: int, beam: BeamOptions, masks: dict[str, np.ndarray | None],
         cancel: CancelToken | None,
     ) -> tuple[list[tuple[int, float]], int]:
         """Beam search constrained to admissible catalog items: min(top_k, admissible) distinct items.
@@ -474,7 +553,7 @@ class Runtime:
             eos_token_id=t.eos,
             pad_token_id=t.pad,
         )
-        result = self._run_beams(pre, cfg, cancel, allowed_tokens=trie.allowed, ban=False)
+        result = self._run_beams(pre, gen, cfg, cancel, allowed_tokens=trie.allowed, ban=False)
         ranked: list[tuple[int, float]] = []
         seen: set[int] = set()
         for seq, score in zip(result.sequences(), result.scores):
@@ -486,8 +565,12 @@ class Runtime:
             ranked.append((index, float(score)))
         return ranked[:top_k], int(result.steps)
 
+    def _semantic_fast_beams(self, top_k: int) -> int:
+        """Beams of the constrained search that FAST mode runs for semantic-ID items."""
+        return min(max(top_k, DEFAULT_BEAMS), self.config.limits.max_beams)
+
     def _semantic_items(
-        self, trie: TokenTrie, pre: _Prefilled, top_k: int, mode: DecodeMode, beam: BeamOptions,
+        self, trie: TokenTrie, pre: Prefilled, gen: Generator, top_k: int, mode: DecodeMode, beam: BeamOptions,
         masks: dict[str, np.ndarray | None], cancel: CancelToken | None,
     ) -> tuple[list[tuple[int, float]], int]:
         """Semantic-ID items: (row, score) best first, from a beam search over 4-token ids.
@@ -502,10 +585,10 @@ class Runtime:
         t = self.manifest.tokens
         ok = admissible_items(self._catalog.item_count, **masks)  # type: ignore[arg-type]
         if mode == DecodeMode.BEAM:
-            result = self._run_beams(pre, self._paper_beam_config(beam), cancel)
+            result = self._run_beams(pre, gen, self._paper_beam_config(beam), cancel)
             return self._trie_items(result, trie.masked(ok).lookup)[:top_k], int(result.steps)
         if mode == DecodeMode.FAST:
-            num_beams = min(max(top_k, DEFAULT_BEAMS), self.config.limits.max_beams)
+            num_beams = self._semantic_fast_beams(top_k)
         else:
             num_beams = beam.num_beams
             if num_beams < top_k:
@@ -522,7 +605,7 @@ class Runtime:
             eos_token_id=t.eos,
             pad_token_id=t.pad,
         )
-        result = self._run_beams(pre, cfg, cancel, allowed_tokens=view.allowed, ban=False)
+        result = self._run_beams(pre, gen, cfg, cancel, allowed_tokens=view.allowed, ban=False)
         return self._trie_items(result, view.lookup)[:top_k], int(result.steps)
 
     @staticmethod
@@ -553,26 +636,20 @@ class Runtime:
         return tuple(int(i) for i in ids[:-1])
 
     def _run_beams(
-        self, pre: _Prefilled, cfg: BeamSearchConfig, cancel: CancelToken | None, *,
+        self, pre: Prefilled, gen: Generator, cfg: BeamSearchConfig, cancel: CancelToken | None, *,
         allowed_tokens: AllowedTokensFn | None = None, ban: bool = True,
     ) -> BeamResult:
-        """Beam search from the prefill in one decode slot; ``ban``: no image, answer or pad token."""
-        processor = self._ban if ban else None
-        with self.scheduler.admit(cancel) as slot:
-            slot.track(pre.state)
-            holder = {"state": pre.state}
-
-            def advance(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-                state = holder["state"].select(parents)  # beams fork from the one prompt row at the first step
-                logits, holder["state"] = slot.step(state, tokens, cancel)
-                return logits
-
-            return beam_search(pre.logits, advance, cfg, logits_processor=processor, allowed_tokens=allowed_tokens,
-                               cancel=cancel)
+        """Beam search from the prefill on ``gen`` (its rows fork from the prompt row at the first step);
+        ``ban``: no image, answer or pad token. New tokens are capped by the context left."""
+        processor = self.ban_special if ban else None
+        cfg = replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, gen.room)))
+        return beam_search(pre.logits, gen.advance_beams, cfg, logits_processor=processor,
+                           allowed_tokens=allowed_tokens, cancel=cancel)
 
     # -- preference and explanation ---------------------------------------------------------------------
-    def _preference_prefill(self, request: PreferenceRequest) -> _Prefilled:
-        history = self._resolve(request.history)
+    def _preference_prompt(self, request: PreferenceRequest) -> EncodedPrompt:
+        """The request's sampling options checked, and its rating prompt fitted to the model."""
+        history = self.resolve(request.history)
         target = self._resolve_one(request.target, "target")
         s = request.sampling
         lim = self.config.limits
@@ -588,8 +665,7 @@ class Runtime:
             raise InvalidRequest(f"sampling.num_beams: must be in 1..{lim.max_beams}, got {s.num_beams}",
                                  field="sampling.num_beams")
         self.requests += 1
-        prompt = self._fit(lambda n: preference_prompt(history, target, n), len(history), "target")
-        return self._prefill(prompt, request.tenant, request.cancel, request.user_id)
+        return self._fit(lambda n: preference_prompt(history, target, n), len(history), "target")
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
         """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone.
@@ -598,7 +674,7 @@ class Runtime:
         ``timings.tokens`` 0); the distribution is the one ``explain`` reports for the same request.
         ``request.sampling`` is validated as for ``explain`` but not used."""
         t_start = time.perf_counter()
-        pre = self._preference_prefill(request)
+        pre = self.prefill(self._preference_prompt(request), request.tenant, request.cancel, request.user_id)
         dist = rating_distribution(pre.logits, self.manifest.tokens.rates)
         return PreferenceResult(
             rating_distribution=tuple(float(p) for p in dist.probs),
@@ -614,54 +690,59 @@ class Runtime:
         The explanation is the decoded text without leading or trailing whitespace, and the streamed
         pieces concatenate to exactly that text (greedy, sampled, and beam: one piece, the whole text)."""
         t_start = time.perf_counter()
-        pre = self._preference_prefill(request)
+        prompt = self._preference_prompt(request)
+        with self.admit(request.cancel, max(1, request.sampling.num_beams)) as gen:
+            pre = self.prefill(prompt, request.tenant, request.cancel, request.user_id, gen)
+            yield from self._explain_decode(request, pre, gen, t_start)
+
+    def _explain_decode(self, request: PreferenceRequest, pre: Prefilled, gen: Generator,
+                        t_start: float) -> Iterator[TextPiece | PreferenceResult]:
         t = self.manifest.tokens
-        dist = rating_distribution(pre.logits, t.rates)
         s = request.sampling
+        dist = rating_distribution(pre.logits, t.rates)
         detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         stripped = StrippedPieces()
         first_token_s = 0.0
         produced = 0
         finish = "eos"
         t0 = time.perf_counter()
-        with self.scheduler.admit(request.cancel) as slot:
-            slot.track(pre.state)
-            rate_token = np.array([t.rates[dist.rating - 1]], np.int64)
-            logits, state = slot.step(pre.state, rate_token, request.cancel)
-            if s.num_beams > 1:
-                text, produced, finish = self._explain_beam(logits[0], state, slot, s, request.cancel)
-                first_token_s = time.perf_counter() - t_start
-                piece = stripped.push(text)
+        rate_token = np.array([t.rates[dist.rating - 1]], np.int64)
+        logits = gen.step(rate_token)
+        max_new = max(1, min(s.max_new_tokens, gen.room))
+        if s.num_beams > 1:
+            cfg = BeamSearchConfig(num_beams=s.num_beams, max_new_tokens=max_new, eos_token_id=t.eos,
+                                   pad_token_id=t.pad)
+            result = beam_search(logits[0], gen.advance_beams, cfg, logits_processor=self.ban_special,
+                                 cancel=request.cancel)
+            best = result.sequences()[0]
+            finish = "eos" if len(best) and int(best[-1]) == t.eos else "length"
+            produced = len(best)
+            first_token_s = time.perf_counter() - t_start
+            piece = stripped.push(self.tokenizer.decode(best.tolist(), skip_special_tokens=True))
+            if piece:
+                yield TextPiece(piece)
+        else:
+            sampler = TokenGenerator(
+                logits[0], gen.advance,
+                SamplingConfig(s.temperature, s.top_p, s.seed, max_new, t.eos),
+                cancel=request.cancel, logits_processor=self.ban_special,
+            )
+            while not sampler.is_done():
+                token = sampler.step()
+                if token is None:
+                    break
+                produced += 1
+                piece = stripped.push(detok.push(token))
                 if piece:
+                    if not first_token_s:
+                        first_token_s = time.perf_counter() - t_start
                     yield TextPiece(piece)
-            else:
-                holder = {"state": state}
-
-                def advance(tokens: np.ndarray) -> np.ndarray:
-                    out, holder["state"] = slot.step(holder["state"], tokens, request.cancel)
-                    return out[0]
-
-                gen = TokenGenerator(
-                    logits[0], advance,
-                    SamplingConfig(s.temperature, s.top_p, s.seed, s.max_new_tokens, t.eos),
-                    cancel=request.cancel, logits_processor=self._ban,
-                )
-                while not gen.is_done():
-                    token = gen.step()
-                    if token is None:
-                        break
-                    produced += 1
-                    piece = stripped.push(detok.push(token))
-                    if piece:
-                        if not first_token_s:
-                            first_token_s = time.perf_counter() - t_start
-                        yield TextPiece(piece)
-                tail = stripped.push(detok.flush())
-                if tail:
-                    yield TextPiece(tail)
-                finish = gen.finish_reason or "eos"
-                if finish == "cancelled":
-                    check_cancel(request.cancel)
+            tail = stripped.push(detok.flush())
+            if tail:
+                yield TextPiece(tail)
+            finish = sampler.finish_reason or "eos"
+            if finish == "cancelled":
+                check_cancel(request.cancel)
         decode_s = time.perf_counter() - t0
         yield PreferenceResult(
             rating_distribution=tuple(float(p) for p in dist.probs),
@@ -673,31 +754,17 @@ class Runtime:
                             first_token_s or (pre.vision_s + pre.prefill_s), produced, pre.hit),
         )
 
-    def _explain_beam(self, logits: np.ndarray, state: RowState, slot: Slot, s, cancel) -> tuple[str, int, str]:  # type: ignore[no-untyped-def]
-        t = self.manifest.tokens
-        holder = {"state": state}
-
-        def advance(parents: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-            out, holder["state"] = slot.step(holder["state"].select(parents), tokens, cancel)
-            return out
-
-        cfg = BeamSearchConfig(num_beams=s.num_beams, max_new_tokens=s.max_new_tokens, eos_token_id=t.eos, pad_token_id=t.pad)
-        result = beam_search(logits, advance, cfg, logits_processor=self._ban, cancel=cancel)
-        best = result.sequences()[0]
-        finish = "eos" if len(best) and int(best[-1]) == t.eos else "length"
-        return self.tokenizer.decode(best.tolist(), skip_special_tokens=True), len(best), finish
-
     # -- item selection ---------------------------------------------------------------------------------
     def select_items(self, request: SelectRequest) -> SelectResult:
         t_start = time.perf_counter()
-        history = self._resolve(request.history)
-        candidates = self._resolve(request.candidates, name="candidates")
+        history = self.resolve(request.history)
+        candidates = self.resolve(request.candidates, name="candidates")
         if not 1 <= request.max_selected <= max(1, len(candidates)):
             raise InvalidRequest(f"max_selected: must be in 1..{max(1, len(candidates))} (the number of candidates), "
                                  f"got {request.max_selected}", field="max_selected")
         self.requests += 1
         prompt = self._fit(lambda n: selection_prompt(history, candidates, n), len(history), "candidates")
-        pre = self._prefill(prompt, request.tenant, request.cancel, request.user_id)
+        pre = self.prefill(prompt, request.tenant, request.cancel, request.user_id)
         sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
         timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
         return SelectResult(sel.selected, sel.scores, timings)

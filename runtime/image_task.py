@@ -31,8 +31,7 @@ from runtime.prompts import (
     render_meta,
     sanitize,
 )
-from runtime.scheduler import check_cancel
-from runtime.types import CancelToken, ImageModel, InvalidRequest, Unavailable
+from runtime.types import CancelToken, ImageModel, InvalidRequest, Unavailable, check_cancel
 
 if TYPE_CHECKING:
     from runtime.engine import Runtime
@@ -65,19 +64,11 @@ def write_prompt(rt: Runtime, history: tuple[ResolvedItem, ...], query: str, can
     text = personalised_prompt_text(history, query)
     images = tuple(i for i in history if i.has_image)  # one per <image> in the text, in order
     prompt = Prompt(text, images, "", (), len(images))
-    pre = rt._prefill(prompt, tenant="", cancel=cancel)
     detok = IncrementalDetokenizer(rt.tokenizer, skip_special_tokens=True)
-    with rt.scheduler.admit(cancel) as slot:
-        holder = {"state": pre.state}
-
-        def advance(tokens: np.ndarray) -> np.ndarray:
-            out, holder["state"] = slot.step(holder["state"], tokens, cancel)
-            return out[0]
-
-        gen = TokenGenerator(pre.logits, advance, SamplingConfig(max_new_tokens=PROMPT_TOKENS,
-                                                                 eos_token_id=rt.manifest.tokens.eos),
-                             cancel=cancel, logits_processor=rt._ban)
-        for token in gen:
+    with rt.admit(cancel) as gen:
+        pre = rt.prefill(prompt, tenant="", cancel=cancel, generator=gen)
+        config = SamplingConfig(max_new_tokens=max(1, min(PROMPT_TOKENS, gen.room)), eos_token_id=rt.manifest.tokens.eos)
+        for token in TokenGenerator(pre.logits, gen.advance, config, cancel=cancel, logits_processor=rt.ban_special):
             detok.push(token)
     written = sanitize(detok.text + detok.flush())
     return ", ".join(p for p in (query, style_summary(history), written) if p)
@@ -90,7 +81,7 @@ def generate_image(rt: Runtime, pipeline: DiffusionPipeline, request: ImageReque
         raise InvalidRequest("query must not be empty", field="query")
     cancel = request.cancel if isinstance(request.cancel, CancelToken) else None
     t0 = time.perf_counter()
-    history = rt._resolve(tuple(request.history)) if request.history else ()
+    history = rt.resolve(tuple(request.history)) if request.history else ()
     prompt = write_prompt(rt, history, query, cancel) if history else query
     prompt_s = time.perf_counter() - t0
     params = GenerationParams(
@@ -178,13 +169,13 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
     check_code_sampling(request.temperature, request.top_p)
     cancel = request.cancel if isinstance(request.cancel, CancelToken) else None
     t_start = time.perf_counter()
-    history = rt._resolve(tuple(request.history)) if request.history else ()
+    history = rt.resolve(tuple(request.history)) if request.history else ()
     items = tuple(i for i in history if i.has_image)[-IMAGE_CODES_HISTORY:]
     codes_of = history_codes(rt, codec, items)
     t = rt.manifest.tokens
     settings = codec.settings
     total = settings.num_codes
-    room = rt.manifest.decoder.max_positions - total
+    room = rt.max_context - total
     # like the text tasks: the oldest history chunks go first until the prompt and its codes fit
     while True:
         enc = encode(image_generation_prompt(items, codes_of, query), rt.tokenizer, t.endofchunk, t.image)
@@ -194,23 +185,16 @@ def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) 
         items, codes_of = items[1:], codes_of[1:]
     if length > room:
         raise InvalidRequest(f"query: the prompt is {length} tokens even without history and {total} image codes "
-                             f"follow it; the model has {rt.manifest.decoder.max_positions} positions", field="query")
+                             f"follow it; the context is {rt.max_context} tokens", field="query")
     if t.image_codes_start < 0:
         raise Unavailable("image_model: the vocabulary has no image-code tokens (img_0,..)", field="image_model")
     prompt_s = time.perf_counter() - t_start
-    pre = rt._prefill(enc, tenant="", cancel=cancel)
     config = SamplingConfig(request.temperature, request.top_p, request.seed, max_new_tokens=total, eos_token_id=None)
     mask = code_slice_mask(t.image_codes_start, settings.n_embed)
-    t0 = time.perf_counter()
-    with rt.scheduler.admit(cancel) as slot:
-        slot.track(pre.state)
-        holder = {"state": pre.state}
-
-        def advance(tokens: np.ndarray) -> np.ndarray:
-            out, holder["state"] = slot.step(holder["state"], tokens, cancel)
-            return out[0]
-
-        gen = TokenGenerator(pre.logits, advance, config, cancel=cancel, logits_processor=mask)
+    with rt.admit(cancel) as decoder:
+        pre = rt.prefill(enc, tenant="", cancel=cancel, generator=decoder)
+        t0 = time.perf_counter()
+        gen = TokenGenerator(pre.logits, decoder.advance, config, cancel=cancel, logits_processor=mask)
         for produced, _ in enumerate(gen, start=1):
             if produced % settings.grid == 0:
                 yield ImageProgress(produced // settings.grid, settings.grid)

@@ -90,6 +90,13 @@ class DecoderDims:
     """Decoder layer indices preceded by a gated cross-attention block."""
     xattn_heads: int
     xattn_head_dim: int
+    kv_layout: str = "concat"
+    """How the decoder graph holds the self-attention KV cache: "inplace" (per layer one (B, H, L, hd) buffer
+    that is input and output at once, written at each row's position; attention op ``attention``) or
+    "concat" (present = Concat(past, new), returned and fed back; what TensorRT 10.3 / JetPack 6 builds)."""
+    attention: str = "mha"
+    """Self-attention op of the decoder graph: "gqa" (com.microsoft.GroupQueryAttention, in place) or "mha"
+    (standard ops, concat layout)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,13 @@ class DecoderNames:
     xattn_key: str = "xattn_key.{block}"
     xattn_value: str = "xattn_value.{block}"
     logits: str = "logits"
-    """[batch, vocab]: logits of the last position of every row."""
+    """[batch, vocab]: logits of the last position of every row (inplace layout: of ``logits_index``)."""
+    seqlens_k: str = "seqlens_k"
+    """inplace layout: [batch] int32, each row's valid KV length after the call, minus 1."""
+    total_sequence_length: str = "total_sequence_length"
+    """inplace layout: [] int32, the largest valid KV length after the call."""
+    logits_index: str = "logits_index"
+    """inplace layout: [batch] int64, the position in [0, seq) whose logits a row returns."""
     media_latents: str = "media_latents"
     pixel_values: str = "pixel_values"
 

@@ -7,6 +7,7 @@ generated protobuf code. All types are frozen dataclasses with validated, docume
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -117,6 +118,16 @@ class CancelToken:
     @property
     def cancelled(self) -> bool:
         return self._event.is_set()
+
+
+def check_cancel(cancel: CancelToken | None) -> None:
+    """Raise Cancelled / DeadlineExceeded when ``cancel`` says the work is abandoned."""
+    if cancel is None:
+        return
+    if cancel.cancelled:
+        raise Cancelled("request cancelled")
+    if cancel.deadline is not None and time.monotonic() > cancel.deadline:
+        raise DeadlineExceeded("deadline exceeded")
 
 
 @dataclass(frozen=True)

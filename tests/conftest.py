@@ -20,6 +20,16 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_concat_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same untrained tiny demo (same seed, same weights) with the ``concat`` decoder KV layout."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo_concat")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, kv_layout="concat")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_artifacts_with_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo exported once with its seeded VQGAN graphs (the paper's image-code path)."""
     from export.pipeline import export_demo

@@ -8,6 +8,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from runtime.backends.buffers import Binding, Buffer
+
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
 
@@ -23,10 +25,13 @@ class BackendConfig:
     optimized_cache_dir: Path | None = None
     """Where graph-optimised models are cached on disk (None: next to the graph, in .ort-cache/)."""
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    profile_prefix: str | None = None
+    """ONNX Runtime profiling to files with this prefix (benchmarks; ``end_profiling`` returns the file)."""
 
 
 class Session(Protocol):
-    """One loaded graph. ``run`` returns fresh arrays the caller owns."""
+    """One loaded graph. ``run`` returns fresh arrays the caller owns; ``run_bound`` also reads and writes
+    backend buffers in place (runtime.backends.buffers), for the decoder's KV cache."""
 
     @property
     def input_names(self) -> list[str]: ...
@@ -38,6 +43,17 @@ class Session(Protocol):
     def providers(self) -> list[str]: ...
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]: ...
+
+    def allocate(self, shape: tuple[int, ...], dtype: type = np.float32) -> Buffer:
+        """Memory this session's device can bind (host memory for the CPU provider)."""
+        ...
+
+    def run_bound(
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
+        """Run with host ``feeds``, tensors (inputs or outputs) ``bound`` to backend memory, and the host
+        ``outputs`` returned. Binding an input and an output to the same address updates it in place."""
+        ...
 
 
 def open_session(path: Path, config: BackendConfig) -> Session:

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import BackendConfig
+from runtime.backends.buffers import Binding, HostBuffer
 from runtime.types import Unavailable
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class OrtSession:
         options.inter_op_num_threads = config.inter_op_threads
         options.graph_optimization_level = _LEVELS[config.graph_optimization]
         options.log_severity_level = 3
+        if config.profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = config.profile_prefix
         cache_dir = config.optimized_cache_dir or path.parent / ".ort-cache"
         cached = cache_dir / f"{path.stem}.{config.provider}.{config.graph_optimization}.onnx"
         source = path
@@ -62,6 +66,8 @@ class OrtSession:
         self._session = ort.InferenceSession(str(source), sess_options=options, providers=providers)
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._outputs = [o.name for o in self._session.get_outputs()]
+        self._input_set = set(self._inputs)
+        self._device = config.provider
         log.info("loaded %s on %s", path.name, self._session.get_providers())
 
     @property
@@ -80,3 +86,27 @@ class OrtSession:
         names = outputs or self._outputs
         values = self._session.run(names, feeds)
         return dict(zip(names, values))
+
+    def end_profiling(self) -> str:
+        """Stop profiling; the profile file's path."""
+        return str(self._session.end_profiling())
+
+    def allocate(self, shape: tuple[int, ...], dtype: type = np.float32) -> HostBuffer:
+        if self._device != "cpu":
+            raise Unavailable(f"device buffers for provider {self._device!r} are not implemented in this build")
+        return HostBuffer(shape, dtype)
+
+    def run_bound(
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
+        io = self._session.io_binding()
+        for name, value in feeds.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:  # first, so they lead get_outputs()
+            io.bind_output(name, "cpu")
+        for name, b in bound.items():
+            bind = io.bind_input if name in self._input_set else io.bind_output
+            bind(name, b.device, b.device_id, b.dtype, list(b.shape), b.address)
+        self._session.run_with_iobinding(io)
+        values = io.get_outputs()
+        return {name: values[i].numpy() for i, name in enumerate(outputs)}

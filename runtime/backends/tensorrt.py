@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.backends.base import BackendConfig
+from runtime.backends.buffers import Binding, Buffer
 
 
 class TensorRTUnavailable(RuntimeError):
@@ -41,4 +42,12 @@ class TensorRTSession:
         return ["TensorRT"]
 
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        raise TensorRTUnavailable("TensorRT engine execution is not implemented in this build")
+
+    def allocate(self, shape: tuple[int, ...], dtype: type = np.float32) -> Buffer:
+        raise TensorRTUnavailable("TensorRT engine execution is not implemented in this build")
+
+    def run_bound(
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
         raise TensorRTUnavailable("TensorRT engine execution is not implemented in this build")

@@ -50,15 +50,18 @@ SERVICE_NAMES = (PERSONALIZATION.full_name, CATALOG.full_name)
 def open_runtime(artifacts: Path, limits: Limits | None = None, settings: EngineConfig | None = None) -> Engine:
     """Open the real engine on an artifacts directory with the server's limits and ``[engine]`` settings."""
     from runtime.backends import BackendConfig
-    from runtime.engine import Runtime, RuntimeConfig
+    from runtime.engine import Runtime, RuntimeConfig, SettingsError
 
     e = settings or EngineConfig()
     config = RuntimeConfig(
         backend=BackendConfig(provider=e.provider, intra_op_threads=e.intra_op_threads),
         max_active=e.max_active, max_queued=e.max_queued, prefix_cache_bytes=e.prefix_cache_bytes,
-        limits=limits or Limits(),
+        max_context=e.max_context, kv_pool_bytes=e.kv_pool_bytes, limits=limits or Limits(),
     )
-    engine: Engine = Runtime.open(artifacts, config)
+    try:
+        engine: Engine = Runtime.open(artifacts, config)
+    except SettingsError as exc:
+        raise ConfigError(f"engine.{exc}") from exc
     return engine
 
 

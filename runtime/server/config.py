@@ -108,7 +108,7 @@ Provider = Literal["cpu", "cuda", "tensorrt"]
 
 @dataclass
 class EngineConfig:
-    """How the model runs: execution provider, threads, continuous-batching width, prefix cache."""
+    """How the model runs: execution provider, threads, continuous-batching width, context, KV pool, prefix cache."""
 
     provider: Provider = field(
         default="cpu",
@@ -126,6 +126,18 @@ class EngineConfig:
     max_queued: int = field(
         default=32,
         metadata=_help("requests waiting for a decode slot before new ones get RESOURCE_EXHAUSTED"),
+    )
+    max_context: int = field(
+        default=0,
+        metadata=_help("longest sequence (prompt + generated tokens) a request may reach; 0: the model's positions"),
+    )
+    kv_pool_bytes: int = field(
+        default=0,
+        metadata=_help(
+            "bytes of the decoder KV pool (inplace layout), allocated once at startup, in rows of max_context "
+            "positions (one row per beam); 0: max_active + limits.max_beams - 1 rows (untouched pages cost "
+            "no memory)"
+        ),
     )
     prefix_cache_bytes: int = field(
         default=256 << 20, metadata=_help("byte budget of the prompt-prefix KV cache (LRU; 0 disables it)")
@@ -230,7 +242,8 @@ class ServerConfig:
             raise ConfigError(f"shutdown_grace_s: must be a finite number >= 0, got {self.shutdown_grace_s}")
         e = self.engine
         for name, value, low in (("intra_op_threads", e.intra_op_threads, 0), ("max_active", e.max_active, 1),
-                                 ("max_queued", e.max_queued, 0), ("prefix_cache_bytes", e.prefix_cache_bytes, 0)):
+                                 ("max_queued", e.max_queued, 0), ("prefix_cache_bytes", e.prefix_cache_bytes, 0),
+                                 ("max_context", e.max_context, 0), ("kv_pool_bytes", e.kv_pool_bytes, 0)):
             if value < low:
                 raise ConfigError(f"engine.{name}: must be >= {low}, got {value}")
         for f in dataclasses.fields(self.limits):

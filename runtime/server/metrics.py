@@ -42,13 +42,26 @@ class _EngineStatsCollector(Collector):
         if stats is None:
             return
         gauges = {
-            "queue_depth": ("unimp_engine_queue_depth", "Requests waiting in the engine's scheduler"),
-            "kv_bytes": ("unimp_kv_cache_bytes", "Bytes held by decoder KV caches"),
+            "queue_depth": ("unimp_engine_queue_depth", "Requests waiting in the engine's decode batcher"),
+            "kv_bytes": ("unimp_kv_cache_bytes", "Bytes of valid KV positions held by decoding sequences"),
             "prefix_cache_bytes": ("unimp_prefix_cache_bytes", "Bytes held by the prefix cache"),
+            "kv_pool_bytes": ("unimp_decode_kv_pool_bytes",
+                              "Bytes of the KV pool allocated at startup (inplace layout; 0 for concat)"),
+            "kv_pool_rows": ("unimp_decode_kv_pool_rows", "KV rows (one per beam) the decode batcher hands out"),
+            "kv_pool_rows_used": ("unimp_decode_kv_pool_rows_used", "KV rows reserved by admitted requests"),
         }
         for key, (name, doc) in gauges.items():
             if key in stats:
                 yield GaugeMetricFamily(name, doc, value=float(stats[key]))
+        copied = {k.removeprefix("kv_copy_bytes_"): v for k, v in stats.items() if k.startswith("kv_copy_bytes_")}
+        if copied:
+            family = CounterMetricFamily(
+                "unimp_decode_kv_copy_bytes", "KV bytes copied by the decode path, by cause (join: a row's "
+                "cross-attention memory at prefill, prefix: prefix-cache loads and stores, fork: beam rows, "
+                "leave: pool compaction, step: per decode step, 0 in the inplace layout)", labels=["cause"])
+            for cause, value in sorted(copied.items()):
+                family.add_metric([cause], float(value))
+            yield family
         hits, misses = stats.get("prefix_cache_hits"), stats.get("prefix_cache_misses")
         if hits is not None:
             yield CounterMetricFamily("unimp_prefix_cache_hits", "Prefix-cache lookups that hit", value=float(hits))

@@ -76,7 +76,7 @@ def test_catalog_encode_resumes_after_an_interrupt_and_the_server_has_nothing_le
         memory, _ = engine.media.memory_for([HistoryItem(item_id=i) for i in ids])
         assert engine.media.kv.images_encoded == 0 and engine.vision.images_encoded == 0  # all from the stores
         images = [engine.catalog.image(i) for i in ids]
-        expected = engine.runner.media_kv(engine.vision.encode_images(images))
+        expected = engine.decoder.media_kv(engine.vision.encode_images(images))
         for (k, v), (ek, ev) in zip(memory, expected):
             for a, e in ((k, ek), (v, ev)):
                 np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-5 * float(np.abs(e).max()))

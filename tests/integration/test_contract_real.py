@@ -256,7 +256,7 @@ def test_beam_top_k_above_max_beams_is_rejected_naming_top_k_and_the_limit(serve
 def _max_length_query(engine: Runtime) -> tuple[str, int]:
     """A query of the proto's maximum length whose prompt does not fit with all of HISTORY but fits with
     its newest items; returns it with how many of them fit."""
-    resolved = engine._resolve(tuple(HistoryItem(item_id=i) for i in HISTORY))
+    resolved = engine.resolve(tuple(HistoryItem(item_id=i) for i in HISTORY))
     t = engine.manifest.tokens
     limit = engine.manifest.decoder.max_positions - 1
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from runtime.backends import BackendConfig
-from runtime.decoding.beam import BeamSearchConfig
+from runtime.decoder.generator import Generator
+from runtime.decoding.beam import BeamSearchConfig, beam_search
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.prompts import encode
 from runtime.types import (
@@ -63,7 +64,7 @@ def test_fast_path_equals_item_slice_of_full_softmax(rt: Runtime, tiny_reference
     from runtime.prompts import recommendation_prompt
 
     res = rt.recommend(RecommendRequest(HISTORY, top_k=10, filter=ItemFilter(exclude_history=False)))
-    prompt = recommendation_prompt(rt._resolve(HISTORY))
+    prompt = recommendation_prompt(rt.resolve(HISTORY))
     logits = _reference_last_logits(rt, tiny_reference, prompt).astype(np.float64)
     logp = logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max()
     t = rt.manifest.tokens
@@ -98,12 +99,13 @@ def test_beam_mode_returns_the_items_its_hypotheses_spell(rt: Runtime) -> None:
 
     beam = BeamOptions(num_beams=4, num_return_sequences=4, max_new_tokens=6)
     res = rt.recommend(RecommendRequest(HISTORY, top_k=10, mode=DecodeMode.BEAM, beam=beam))
-    prompt = recommendation_prompt(rt._resolve(HISTORY), rt.config.max_history)
-    pre = rt._prefill(prompt, "", None)
+    prompt = recommendation_prompt(rt.resolve(HISTORY), rt.config.max_history)
     t = rt.manifest.tokens
     cfg = BeamSearchConfig(num_beams=4, num_return_sequences=4, max_new_tokens=6, eos_token_id=t.eos,
                            pad_token_id=t.pad)
-    hyp = rt._run_beams(pre, cfg, None)
+    with rt.admit(None, rows=4) as gen:
+        pre = rt.prefill(prompt, "", None, generator=gen)
+        hyp = beam_search(pre.logits, gen.advance_beams, cfg, logits_processor=rt.ban_special)
     assert len(hyp.sequences()) == 4 and res.timings.tokens == hyp.steps >= 1
     ok = admissible_items(t.item_count, exclude=list(prompt.history_tokens), unavailable=~rt.catalog.available_mask())
     expected: list[tuple[str, float]] = []
@@ -128,14 +130,14 @@ def _answer_logprobs(rt: Runtime, prompt, candidates: np.ndarray) -> tuple[float
     memory, _ = rt.media.memory_for(prompt.images)
     ws = rt.tokenizer.encode(" item_0", add_special_tokens=False).ids[:-1]
     assert [rt.tokenizer.id_to_token(i) for i in ws] == ["\u0120"]  # the demo's BPE: a whitespace token first
-    logits0, _ = rt.runner.prefill([PrefillRow(enc.ids, memory)])
-    logits1, _ = rt.runner.prefill([PrefillRow(np.concatenate([enc.ids, ws]), memory)])
+    logits0 = rt.decoder.prefill_batch([PrefillRow(enc.ids, memory)])
+    logits1 = rt.decoder.prefill_batch([PrefillRow(np.concatenate([enc.ids, ws]), memory)])
     lp_ws = float(log_softmax64(logits0[0])[ws[0]])
     lp_items = log_softmax64(logits1[0])[t.item_start: t.item_start + t.item_count]
     lp_eos = np.zeros(0)
     if len(candidates):
         rows = [PrefillRow(np.concatenate([enc.ids, ws, [t.item_start + int(k)]]), memory) for k in candidates]
-        lp_eos = log_softmax64(rt.runner.prefill(rows)[0])[:, t.eos]
+        lp_eos = log_softmax64(rt.decoder.prefill_batch(rows))[:, t.eos]
     return lp_ws, lp_items, lp_eos
 
 
@@ -152,7 +154,7 @@ def test_constrained_beam_equals_beam_search_over_the_item_trie(rt: Runtime, ite
     res = rt.recommend(RecommendRequest(HISTORY, top_k=top_k, mode=DecodeMode.BEAM_CONSTRAINED, filter=item_filter,
                                         beam=BeamOptions(num_beams=nb)))
     assert res.timings.tokens == 3  # whitespace, item, EOS
-    prompt = recommendation_prompt(rt._resolve(HISTORY), rt.config.max_history)
+    prompt = recommendation_prompt(rt.resolve(HISTORY), rt.config.max_history)
     t = rt.manifest.tokens
     category = rt.catalog.category_mask(list(item_filter.categories)) if item_filter.categories else None
     ok = admissible_items(t.item_count, exclude=list(prompt.history_tokens), unavailable=~rt.catalog.available_mask(),
@@ -235,7 +237,7 @@ def test_rating_distribution_matches_reference(rt: Runtime, tiny_reference) -> N
     target = HistoryItem(item_id="P00033")
     res = rt.predict_preference(PreferenceRequest(RATED, target, SamplingOptions(max_new_tokens=4)))
     assert abs(sum(res.rating_distribution) - 1.0) < 1e-9
-    prompt = preference_prompt(rt._resolve(RATED), rt._resolve((target,))[0])
+    prompt = preference_prompt(rt.resolve(RATED), rt.resolve((target,))[0])
     logits = _reference_last_logits(rt, tiny_reference, prompt)
     rates = logits[rt.manifest.tokens.rates].astype(np.float64)
     expected = np.exp(rates - rates.max()) / np.exp(rates - rates.max()).sum()
@@ -312,23 +314,36 @@ def test_batched_decoding_equals_unbatched(rt: Runtime, monkeypatch: pytest.Monk
     alone = [_explained(rt, r)[1].explanation for r in reqs]
     results: list[str | None] = [None] * len(reqs)
     batch_rows: list[int] = []
-    step = rt.scheduler.runner.step
+    step = rt.decoder.step
     others_waiting = threading.Event()
 
-    def held_step(states, tokens):  # type: ignore[no-untyped-def]
+    def held_step(seqs, tokens):  # type: ignore[no-untyped-def]
         # Hold the first decode call until every other request has submitted its first step: they join
         # the running batch at the next call, whatever the machine's speed.
-        rows = sum(s.rows for s in states)
+        rows = sum(s.rows for s in seqs)
         if not batch_rows:
             deadline = time.monotonic() + 60
-            while rt.scheduler.pending_steps < len(reqs) - rows and time.monotonic() < deadline:
+            while rt.batcher.pending_steps < len(reqs) - rows and time.monotonic() < deadline:
                 time.sleep(0.001)
-            if rows + rt.scheduler.pending_steps >= len(reqs):
+            if rows + rt.batcher.pending_steps >= len(reqs):
                 others_waiting.set()
         batch_rows.append(rows)
-        return step(states, tokens)
+        return step(seqs, tokens)
 
-    monkeypatch.setattr(rt.scheduler.runner, "step", held_step)
+    monkeypatch.setattr(rt.decoder, "step", held_step)
+    # prefills run on the batcher's thread too: each request waits at its first step until all four have
+    # prefilled, so the held first call above can wait for their steps
+    all_prefilled = threading.Barrier(len(reqs))
+    first_step = Generator.step
+    started: set[int] = set()
+
+    def gated_step(self, tokens, parents=None):  # type: ignore[no-untyped-def]
+        if id(self) not in started:
+            started.add(id(self))
+            all_prefilled.wait(timeout=60)
+        return first_step(self, tokens, parents)
+
+    monkeypatch.setattr(Generator, "step", gated_step)
 
     def worker(i: int) -> None:
         results[i] = _explained(rt, reqs[i])[1].explanation
@@ -362,13 +377,13 @@ def test_overload_is_bounded(tiny_artifacts: Path, tmp_path: Path) -> None:
                         latent_cache_dir=tmp_path)
     rt = Runtime.open(tiny_artifacts, cfg)
     try:
-        with rt.scheduler.admit():
+        with rt.batcher.admit():
             errors: list[BaseException] = []
             cancel = CancelToken()
 
             def wait_for_slot() -> None:
                 try:
-                    with rt.scheduler.admit(cancel):
+                    with rt.batcher.admit(cancel):
                         pass
                 except Cancelled:
                     pass
@@ -378,15 +393,15 @@ def test_overload_is_bounded(tiny_artifacts: Path, tmp_path: Path) -> None:
             waiter = threading.Thread(target=wait_for_slot, daemon=True)
             waiter.start()
             deadline = time.monotonic() + 30
-            while rt.scheduler.queue_depth < 1 and time.monotonic() < deadline:
+            while rt.batcher.queue_depth < 1 and time.monotonic() < deadline:
                 time.sleep(0.005)  # until the waiter is queued, however slow the machine
-            assert rt.scheduler.queue_depth == 1
+            assert rt.batcher.queue_depth == 1
             with pytest.raises(Overloaded):
                 list(rt.explain(PreferenceRequest(RATED, HistoryItem(item_id="P00030"))))
             rt.predict_preference(PreferenceRequest(RATED, HistoryItem(item_id="P00030")))  # no decode slot needed
             cancel.cancel()
             waiter.join(timeout=5)
-            assert not errors and rt.scheduler.queue_depth == 0
+            assert not errors and rt.batcher.queue_depth == 0
     finally:
         rt.close()
 
@@ -464,7 +479,7 @@ def _fitting_query(rt: Runtime, history: tuple[HistoryItem, ...], chars: int) ->
     from runtime.prompts import search_prompt
 
     t = rt.manifest.tokens
-    resolved = rt._resolve(history)
+    resolved = rt.resolve(history)
     limit = rt.manifest.decoder.max_positions - 1
 
     def tokens(query: str, n: int) -> int:

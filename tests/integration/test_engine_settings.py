@@ -9,7 +9,7 @@ import pytest
 
 from runtime.server.app import open_runtime
 from runtime.server.config import ConfigError, EngineConfig, load_config
-from runtime.types import HistoryItem, RecommendRequest, Unavailable
+from runtime.types import HistoryItem, RecommendRequest, SearchRequest, Unavailable
 
 
 def test_settings_reach_the_runtime(tiny_artifacts: Path) -> None:
@@ -17,7 +17,7 @@ def test_settings_reach_the_runtime(tiny_artifacts: Path) -> None:
     rt = open_runtime(tiny_artifacts, settings=settings)
     try:
         assert rt.config.backend.intra_op_threads == 1 and rt.config.backend.provider == "cpu"  # type: ignore[attr-defined]
-        assert rt.scheduler.max_active == 3 and rt.scheduler.max_queued == 5  # type: ignore[attr-defined]
+        assert rt.batcher.max_active == 3 and rt.batcher.max_queued == 5  # type: ignore[attr-defined]
         request = RecommendRequest(tuple(HistoryItem(item_id=i) for i in ("P00003", "P00017")), top_k=3)
         first, second = rt.recommend(request), rt.recommend(request)
         assert [i.item_id for i in first.items] == [i.item_id for i in second.items]
@@ -53,3 +53,27 @@ def test_serve_provider_flag_is_the_engine_setting() -> None:
     add_serve_arguments(parser)
     for flag in ("--provider", "--engine-provider"):
         assert serve_overrides(parser.parse_args([flag, "tensorrt"])) == {"engine.provider": "tensorrt"}
+
+
+def test_context_and_kv_pool_settings(tiny_artifacts: Path) -> None:
+    """--engine-max-context bounds prompts (named error); --engine-kv-pool-bytes sizes the pool in rows,
+    and a pool smaller than one request of max_beams beams is a startup error naming the setting."""
+    from runtime.engine import pool_row_bytes
+    from runtime.manifest import load_manifest
+    from runtime.types import InvalidRequest
+
+    manifest = load_manifest(tiny_artifacts)
+    row = pool_row_bytes(manifest, 64)
+    rt = open_runtime(tiny_artifacts, settings=EngineConfig(max_context=64, kv_pool_bytes=20 * row))
+    try:
+        assert rt.max_context == 64 and rt.batcher.rows == 20  # type: ignore[attr-defined]
+        assert rt.decoder.pool.nbytes == 20 * row  # type: ignore[attr-defined]
+        long = SearchRequest((HistoryItem(item_id="P00003"),), query="red running shoe " * 20, top_k=3)
+        with pytest.raises(InvalidRequest, match=r"^query: .*\(64 positions\)"):
+            rt.search(long)
+    finally:
+        rt.close()
+    with pytest.raises(ConfigError, match=r"^engine\.kv_pool_bytes: .* fewer than limits\.max_beams"):
+        open_runtime(tiny_artifacts, settings=EngineConfig(max_context=64, kv_pool_bytes=3 * row))
+    config = load_config(overrides={"engine.max_context": "128", "engine.kv_pool_bytes": "1048576"})
+    assert config.engine.max_context == 128 and config.engine.kv_pool_bytes == 1 << 20

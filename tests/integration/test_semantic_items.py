@@ -92,7 +92,7 @@ def test_a_tampered_semantic_table_is_refused(tiny_semantic_artifacts: Path, tmp
 
 def test_history_chunks_spell_the_four_tokens_byte_for_byte(rt: Runtime, tiny_semantic_artifacts: Path) -> None:
     table = _table(tiny_semantic_artifacts)
-    history = rt._resolve(_history())
+    history = rt.resolve(_history())
     prompt = recommendation_prompt(history)
     spelled = []
     for item in history:
@@ -167,7 +167,7 @@ def test_an_item_without_a_semantic_id_is_never_returned_and_is_spelled_without_
     table_rows = rt.catalog.item_count
     rt.catalog.upsert(CatalogItem("NEW-1", rt.catalog.get("P00001").meta, available=True, token=-1))
     try:
-        history = rt._resolve(_history(("NEW-1", "P00003")))
+        history = rt.resolve(_history(("NEW-1", "P00003")))
         assert history[0].semantic == () and history[0].token == -1
         assert recommendation_prompt(history).history_tokens == (rt.catalog.token_of("P00003"),)
         out = rt.recommend(RecommendRequest(_history(("NEW-1",)), top_k=16, beam=BeamOptions(num_beams=16)))
@@ -226,17 +226,16 @@ def _exhaustive(rt: Runtime, rows: np.ndarray, query: str | None = None) -> dict
     """Full log-probability of every given row's answer (prefix, 4 codes, EOS) by separate prefills of the
     prompt plus each proper prefix of the answer (teacher forcing without a KV cache)."""
     t = rt.manifest.tokens
-    history = rt._resolve(_history())
+    history = rt.resolve(_history())
     prompt = search_prompt(history, query) if query else recommendation_prompt(history)
     ids = encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids
-    latents, _ = rt._media_latents(prompt.images)
-    memory = rt.runner.media_kv(latents)
+    memory, _ = rt.media.memory_for(prompt.images)
     spell = rt.catalog.semantic.spellings(t)  # type: ignore[union-attr]
     cache: dict[tuple[int, ...], np.ndarray] = {}
 
     def logprobs(prefix: tuple[int, ...]) -> np.ndarray:
         if prefix not in cache:
-            logits, _ = rt.runner.prefill([PrefillRow(np.concatenate([ids, np.array(prefix, np.int64)]), memory)])
+            logits = rt.decoder.prefill_batch([PrefillRow(np.concatenate([ids, np.array(prefix, np.int64)]), memory)])
             cache[prefix] = log_softmax64(logits[0])
         return cache[prefix]
 
@@ -309,14 +308,14 @@ def _greedy_row(rt: Runtime, pool: tuple[str, ...], exhaustive: dict[int, float]
     t = rt.manifest.tokens
     spell = rt.catalog.semantic.spellings(t)  # type: ignore[union-attr]
     rows = list(exhaustive)
-    history = rt._resolve(_history())
+    history = rt.resolve(_history())
     prompt = recommendation_prompt(history)
     ids = encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids
-    memory = rt.runner.media_kv(rt._media_latents(prompt.images)[0])
+    memory, _ = rt.media.memory_for(prompt.images)
     prefix = list(rt._answer_prefix)
     depth = 0
     while len(rows) > 1:
-        logits, _ = rt.runner.prefill([PrefillRow(np.concatenate([ids, np.array(prefix, np.int64)]), memory)])
+        logits = rt.decoder.prefill_batch([PrefillRow(np.concatenate([ids, np.array(prefix, np.int64)]), memory)])
         nxt = {int(spell[r][depth]) for r in rows}
         best = max(nxt, key=lambda tok: float(logits[0][tok]))
         rows = [r for r in rows if int(spell[r][depth]) == best]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -63,7 +64,7 @@ def test_greedy_writes_exactly_256_codes_in_the_slice_and_a_256px_png(engine: Ru
     assert set(result.timings) >= {"prompt", "prefill", "codes", "vqgan_decoder"}
     # the prompt is the paper's, over the newest two history items' cached codes
     codes = engine.codes.get(list(HISTORY[-2:]))  # type: ignore[union-attr]
-    items = engine._resolve(history)[-2:]
+    items = engine.resolve(history)[-2:]
     assert result.prompt == image_generation_prompt(items, [list(c) for c in codes], "red sneaker").text
     # the PNG is the decoder's image of those codes
     pixels = engine._vqgan.decode(np.array([result.codes]))[0]  # type: ignore[union-attr]
@@ -88,27 +89,26 @@ def test_the_mask_keeps_codes_in_the_slice_whatever_the_model_prefers(
         out[..., t.eos] += 1000.0
         return out
 
-    runner = engine.runner
-    prefill, prefill_with_prefix, step = runner.prefill, runner.prefill_with_prefix, runner.step
+    core = engine.decoder
+    prefill, prefill_private, step = core.prefill, core.prefill_private, core.step
 
     def patched_prefill(*args, **kwargs):  # type: ignore[no-untyped-def]
-        logits, state = prefill(*args, **kwargs)
-        return prefer_eos(logits), state
+        out = prefill(*args, **kwargs)
+        return replace(out, logits=prefer_eos(out.logits))
 
-    def patched_prefill_with_prefix(*args, **kwargs):  # type: ignore[no-untyped-def]
-        logits, state = prefill_with_prefix(*args, **kwargs)
-        return prefer_eos(logits), state
+    def patched_prefill_private(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = prefill_private(*args, **kwargs)
+        return replace(out, logits=prefer_eos(out.logits))
 
     def patched_step(*args, **kwargs):  # type: ignore[no-untyped-def]
-        logits, states = step(*args, **kwargs)
-        return [prefer_eos(x) for x in logits], states
+        return [prefer_eos(x) for x in step(*args, **kwargs)]
 
-    monkeypatch.setattr(runner, "prefill", patched_prefill)
-    monkeypatch.setattr(runner, "prefill_with_prefix", patched_prefill_with_prefix)
-    monkeypatch.setattr(runner, "step", patched_step)
-    items = engine._resolve(tuple(HistoryItem(i) for i in HISTORY))[-2:]
+    monkeypatch.setattr(core, "prefill", patched_prefill)
+    monkeypatch.setattr(core, "prefill_private", patched_prefill_private)
+    monkeypatch.setattr(core, "step", patched_step)
+    items = engine.resolve(tuple(HistoryItem(i) for i in HISTORY))[-2:]
     codes = engine.codes.get([i.item_id for i in items])  # type: ignore[union-attr]
-    pre = engine._prefill(image_generation_prompt(items, [list(c) for c in codes], "red sneaker"), tenant="",
+    pre = engine.prefill(image_generation_prompt(items, [list(c) for c in codes], "red sneaker"), tenant="",
                           cancel=None)
     assert int(np.argmax(pre.logits)) == t.eos  # unconstrained, this model would stop at once
     _, result = _run(engine, history=tuple(HistoryItem(i) for i in HISTORY), query="red sneaker",
@@ -214,7 +214,7 @@ def test_long_queries_drop_old_history_then_name_the_query(engine: Runtime) -> N
 
     t = engine.manifest.tokens
     history = tuple(HistoryItem(i) for i in HISTORY)
-    items = engine._resolve(history)[-2:]
+    items = engine.resolve(history)[-2:]
     codes = [list(c) for c in engine.codes.get([i.item_id for i in items])]  # type: ignore[union-attr]
     room = engine.manifest.decoder.max_positions - 256
     query = words(30)

@@ -1,0 +1,232 @@
+"""The two decoder KV layouts: the in-place pool against the concat decoder and full recompute.
+
+The tiny demo is exported twice from the same seeded checkpoint: ``inplace`` (GroupQueryAttention over a
+static buffer bound as input and output) and ``concat`` (present = Concat(past, new)). Greedy and beam
+outputs must be token-identical between them and to recomputing the whole sequence each token; the
+pool must copy nothing per step and return to empty.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime.backends import BackendConfig
+from runtime.backends.buffers import HostBuffer
+from runtime.decoder.pool import KVPool, RowSet
+from runtime.decoder.runner import PrefillRow
+from runtime.engine import Runtime, RuntimeConfig
+from runtime.prompts import encode, preference_prompt
+from runtime.types import (
+    BeamOptions,
+    DecodeMode,
+    HistoryItem,
+    PreferenceRequest,
+    PreferenceResult,
+    RecommendRequest,
+    SamplingOptions,
+    TextPiece,
+)
+
+HISTORY = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (3, 17, 42, 8))
+RATED = tuple(HistoryItem(item_id=f"P{k:05d}", rating=r, explanation=e)
+              for k, r, e in ((5, 4, "Great fit."), (9, 2, "Too small."), (12, 5, "Love the colour.")))
+
+
+def _open(artifacts: Path, cache: Path, **kw) -> Runtime:  # type: ignore[no-untyped-def]
+    cfg = RuntimeConfig(backend=BackendConfig(intra_op_threads=1), progress=False, latent_cache_dir=cache, **kw)
+    return Runtime.open(artifacts, cfg)
+
+
+@pytest.fixture(scope="module")
+def inplace(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    rt = _open(tiny_artifacts, tmp_path_factory.mktemp("lat_inplace"))
+    assert rt.manifest.decoder.kv_layout == "inplace" and rt.decoder.kv_layout == "inplace"
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def concat(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    rt = _open(tiny_concat_artifacts, tmp_path_factory.mktemp("lat_concat"))
+    assert rt.manifest.decoder.kv_layout == "concat" and rt.decoder.kv_layout == "concat"
+    yield rt
+    rt.close()
+
+
+def _explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]:
+    events = list(rt.explain(req))
+    final = events[-1]
+    assert isinstance(final, PreferenceResult)
+    return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
+
+
+def _target(k: int) -> HistoryItem:
+    return HistoryItem(item_id=f"P{20 + k:05d}")
+
+
+def _greedy_tokens(rt: Runtime, req: PreferenceRequest, n: int) -> list[int]:
+    """Greedy tokens after the rating token by recomputing the whole sequence each token (no KV reuse)."""
+    t = rt.manifest.tokens
+    prompt = encode(preference_prompt(rt.resolve(req.history), rt.resolve((req.target,), "target")[0],
+                                      rt.config.max_history), rt.tokenizer, t.endofchunk, t.image)
+    memory, _ = rt.media.memory_for(prompt.prompt.images)
+    ids = list(prompt.ids)
+    logits = rt.decoder.prefill_batch([PrefillRow(np.array(ids), memory)])[0]
+    rate = int(np.argmax(logits[t.rates])) + 1
+    ids.append(t.rates[rate - 1])
+    out: list[int] = []
+    for _ in range(n):
+        logits = rt.ban_special(np.zeros((1, 0)), rt.decoder.prefill_batch([PrefillRow(np.array(ids), memory)]))[0]
+        token = int(np.argmax(logits))
+        out.append(token)
+        if token == t.eos:
+            break
+        ids.append(token)
+    return out
+
+
+def test_greedy_explain_matches_concat_and_full_recompute(inplace: Runtime, concat: Runtime) -> None:
+    req = PreferenceRequest(RATED, _target(1), SamplingOptions(max_new_tokens=12))
+    text_a, res_a = _explain(inplace, req)
+    text_b, res_b = _explain(concat, req)
+    assert text_a == text_b and res_a.rating == res_b.rating and res_a.timings.tokens == res_b.timings.tokens
+    np.testing.assert_allclose(res_a.rating_distribution, res_b.rating_distribution, rtol=1e-5, atol=1e-7)
+    recomputed = _greedy_tokens(inplace, req, 12)
+    assert inplace.tokenizer.decode(recomputed, skip_special_tokens=True).strip() == text_a
+
+
+@pytest.mark.parametrize("mode", [DecodeMode.BEAM, DecodeMode.BEAM_CONSTRAINED])
+def test_beam_modes_match_between_layouts(inplace: Runtime, concat: Runtime, mode: DecodeMode) -> None:
+    beam = BeamOptions(num_beams=4, num_return_sequences=4, max_new_tokens=5)
+    req = RecommendRequest(HISTORY, top_k=4, mode=mode, beam=beam)
+    a, b = inplace.recommend(req), concat.recommend(req)
+    assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.timings.tokens == b.timings.tokens
+    np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], rtol=1e-5, atol=1e-6)
+
+
+def test_beam_explanation_matches_between_layouts(inplace: Runtime, concat: Runtime) -> None:
+    req = PreferenceRequest(RATED, _target(2), SamplingOptions(max_new_tokens=6, num_beams=3))
+    assert _explain(inplace, req)[0] == _explain(concat, req)[0]
+
+
+def test_padded_batch_prefill_equals_single_rows(inplace: Runtime, concat: Runtime) -> None:
+    """Right-padded (inplace) and left-padded (concat) batches give each row its own logits."""
+    t = inplace.manifest.tokens
+    rows = []
+    for k, history in enumerate((RATED[:1], RATED, RATED[:2])):
+        prompt = encode(preference_prompt(inplace.resolve(history), inplace.resolve((_target(k),), "target")[0]),
+                        inplace.tokenizer, t.endofchunk, t.image)
+        rows.append(PrefillRow(prompt.ids, inplace.media.memory_for(prompt.prompt.images)[0]))
+    assert len({len(r.ids) for r in rows}) == 3
+    for rt in (inplace, concat):
+        batched = rt.decoder.prefill_batch(rows)
+        for i, row in enumerate(rows):
+            alone = rt.decoder.prefill_batch([row])[0]
+            np.testing.assert_allclose(batched[i], alone, rtol=1e-5, atol=1e-5 * float(np.abs(alone).max()))
+    np.testing.assert_allclose(inplace.decoder.prefill_batch(rows), concat.decoder.prefill_batch(rows),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_hit_decodes_like_a_miss(inplace: Runtime, concat: Runtime) -> None:
+    for rt in (inplace, concat):
+        rt.prefix_cache.clear()
+        req = PreferenceRequest(RATED, _target(3), SamplingOptions(max_new_tokens=8), tenant="hit")
+        miss_text, miss = _explain(rt, req)
+        hit_text, hit = _explain(rt, req)
+        assert not miss.timings.prefix_cache_hit and hit.timings.prefix_cache_hit
+        assert hit_text == miss_text
+        np.testing.assert_allclose(hit.rating_distribution, miss.rating_distribution, rtol=1e-5, atol=1e-7)
+        assert rt.stats()["kv_copy_bytes_prefix"] > 0  # the hit loaded the cached prefix once
+
+
+def test_concurrent_streams_copy_nothing_per_step(inplace: Runtime, concat: Runtime) -> None:
+    """8 explain streams at once: the inplace pool copies no KV per step and empties afterwards; the
+    concat layout, counted the same way, copies on every step."""
+    reqs = [PreferenceRequest(RATED[: 1 + k % 3], _target(k), SamplingOptions(max_new_tokens=4 + 3 * k))
+            for k in range(8)]
+    alone = {id(rt): [_explain(rt, r)[0] for r in reqs] for rt in (inplace, concat)}
+    for rt in (inplace, concat):
+        before = rt.stats()
+        results: list[str | None] = [None] * len(reqs)
+
+        def run(i: int, rt: Runtime = rt, results: list[str | None] = results) -> None:
+            results[i] = _explain(rt, reqs[i])[0]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        after = rt.stats()
+        assert results == alone[id(rt)]  # batched (joining late, leaving early) == one at a time
+        assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
+        assert after["active_sequences"] == 0 and after["kv_pool_rows_used"] == 0 and after["kv_bytes"] == 0
+        stepped = after["kv_copy_bytes_step"] - before["kv_copy_bytes_step"]
+        if rt.decoder.kv_layout == "inplace":
+            assert stepped == 0
+            assert rt.decoder.pool.used == 0  # type: ignore[attr-defined]
+        else:
+            assert stepped > 0
+
+
+def test_the_decoder_writes_the_pool_in_place(inplace: Runtime) -> None:
+    """Positions past a row's length survive a step: onnxruntime used the bound buffer as both past and
+    present (a separate present would have been zero-filled and copied)."""
+    rt = inplace
+    pool = rt.decoder.pool  # type: ignore[attr-defined]
+    t = rt.manifest.tokens
+    with rt.admit(None, rows=1) as gen:
+        prompt = encode(preference_prompt(rt.resolve(RATED), rt.resolve((_target(4),), "target")[0]),
+                        rt.tokenizer, t.endofchunk, t.image)
+        rt.prefill(prompt, "", None, generator=gen)
+        slot = int(gen.seq.slots[0])  # type: ignore[union-attr]
+        length = int(pool.lengths[slot])
+        keys = pool.keys[0].array  # type: ignore[attr-defined]
+        keys[slot, :, length + 1 :] = 7.0
+        before = keys[slot, :, :length].copy()
+        gen.step(np.array([t.rates[0]]))
+        assert np.all(keys[slot, :, length + 1 :] == 7.0)
+        np.testing.assert_array_equal(keys[slot, :, :length], before)
+        assert np.any(keys[slot, :, length] != 7.0)  # the new token's K landed at the row's position
+
+
+def test_pool_fork_and_compaction() -> None:
+    """Forks copy only duplicated rows; leaving moves the last rows into the holes; contents follow."""
+
+    class Alloc:
+        def allocate(self, shape, dtype=np.float32):  # type: ignore[no-untyped-def]
+            return HostBuffer(shape, dtype)
+
+    pool = KVPool(Alloc(), layers=1, heads=1, head_dim=2, blocks=1, xattn_heads=1, num_latents=1,  # type: ignore[arg-type]
+                  xattn_head_dim=2, slots=6, max_context=4)
+    a, b = RowSet(), RowSet()
+    pool.attach(a, 1)
+    pool.attach(b, 1)
+    k = pool.keys[0].array  # type: ignore[attr-defined]
+
+    def mark(rows: RowSet) -> None:
+        for r, s in enumerate(rows.slots):
+            k[s, 0, :3] = 10 * (rows is b) + r + 1
+            pool.lengths[s] = 3
+
+    mark(a)
+    mark(b)
+    row_bytes = 3 * 2 * 4  # 3 positions x head_dim 2 x float32, K and V each
+    pool.fork(b, np.array([0, 0, 0]))  # one row becomes three: two copies
+    assert b.rows == 3 and pool.used == 4
+    assert pool.copied["fork"] == 2 * (2 * row_bytes) + 2 * (2 * 2 * 4)  # K, V rows + memory rows
+    assert all(k[s, 0, 0, 0] == 11 for s in b.slots)
+    k[b.slots[1], 0, :3], k[b.slots[2], 0, :3] = 12, 13
+    pool.fork(b, np.array([2, 1]))  # reorder and shrink: every parent keeps its slot, no copy
+    assert pool.copied["fork"] == 2 * (2 * row_bytes) + 2 * (2 * 2 * 4)
+    assert [k[s, 0, 0, 0] for s in b.slots] == [13, 12] and pool.used == 3
+    pool.detach(a)  # the hole at slot 0 is filled by the last active row
+    assert pool.used == 2 and sorted(int(s) for s in b.slots) == [0, 1]
+    assert sorted(k[s, 0, 0, 0] for s in b.slots) == [12, 13] and pool.copied["leave"] > 0
+    pool.detach(b)
+    assert pool.used == 0 and pool.kv_bytes_in_use() == 0
