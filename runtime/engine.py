@@ -205,7 +205,7 @@ class Runtime:
             self.codes = CodeStore.open(default_codes_dir(cache_dir), self._catalog, CodeEncoder(self._vqgan), manifest,
                                         fingerprint=self._vqgan.fingerprint, fill=False)
             stores.append(self.codes)
-        self.catalog_encoder = BackgroundEncoder(stores)
+        self.catalog_encoder = BackgroundEncoder(stores, busy=self.media.recently_used)
         """Encodes the stores' pending catalog images while serving (see ``background_encode``)."""
         if config.background_encode:
             self.catalog_encoder.start()

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self
@@ -184,6 +184,13 @@ class MediaMemory:
         self.vision = vision
         self.kv = kv
         self.store = store
+        self.last_use = float("-inf")
+        """``time.monotonic()`` of the latest ``memory_for`` call (start or end)."""
+
+    def recently_used(self, quiet_s: float = 0.5) -> bool:
+        """Whether a request asked for memory within the last ``quiet_s`` seconds (the background encoder
+        then waits: requests come first)."""
+        return time.monotonic() - self.last_use < quiet_s
 
     def memory_for(self, images: Sequence[PromptImage]) -> tuple[Memory, float]:
         """Per block K, V (M, h, n, dh) in prompt order, and the seconds it took.
@@ -192,6 +199,7 @@ class MediaMemory:
         catalog item whose K/V come from the store (computed now if it is still pending). Undecodable inline
         bytes raise InvalidRequest(field="image"); an unknown item NotFound(field="item_id")."""
         t0 = time.perf_counter()
+        self.last_use = time.monotonic()
         kv = self.kv
         m = len(images)
         entries = np.empty((m, *kv.item_shape), KV_DTYPE)  # (M, blocks, 2, h, n, dh)
@@ -204,18 +212,25 @@ class MediaMemory:
             entries[inline_rows] = kv.encode(self.vision.encode_images([x for x in inline if x is not None]))
         memory = [(np.ascontiguousarray(entries[:, j, 0]), np.ascontiguousarray(entries[:, j, 1]))
                   for j in range(kv.blocks)]
+        self.last_use = time.monotonic()
         return memory, time.perf_counter() - t0
 
 
 class BackgroundEncoder:
-    """Fills the stores' pending items, one batch at a time, in a daemon thread (stores in order: latents
+    """Fills the stores' pending items, ``batch`` at a time, in a daemon thread (stores in order: latents
     before the K/V computed from them); sleeps while nothing is pending and wakes when an edit makes an
-    item pending. ``pause``/``resume`` hold it between batches; ``close`` stops it after the current batch
-    and commits what it wrote."""
+    item pending. Requests come first: while ``busy()`` says they are running it waits before its next
+    batch, up to ``max_defer_s`` (so that it still progresses under constant traffic). ``pause``/``resume``
+    hold it between batches; ``close`` stops it after the current batch and commits what it wrote."""
 
-    def __init__(self, stores: Sequence[ItemStore], idle_s: float = 30.0) -> None:
+    def __init__(self, stores: Sequence[ItemStore], idle_s: float = 30.0, batch: int = 8,
+                 busy: Callable[[], bool] | None = None, max_defer_s: float = 5.0) -> None:
         self.stores = list(stores)
         self._idle_s = idle_s
+        self.batch = max(1, batch)
+        """Items per background batch: small, so that a request never waits long behind one."""
+        self._busy = busy
+        self._max_defer_s = max_defer_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._running = threading.Event()
@@ -262,10 +277,11 @@ class BackgroundEncoder:
             if self._stop.is_set():
                 break
             self._wake.clear()
+            self._defer()
             n = 0
             try:
                 for store in self.stores:
-                    n = store.fill_step()
+                    n = store.fill_step(self.batch)
                     if n:
                         break
             except Exception as exc:  # keep serving: requests still encode on first use
@@ -281,6 +297,14 @@ class BackgroundEncoder:
                 total = 0
             self._wake.wait(self._idle_s)
             t0 = time.perf_counter()
+
+    def _defer(self) -> None:
+        """Wait while requests are running (``busy``), at most ``max_defer_s``."""
+        if self._busy is None:
+            return
+        deadline = time.monotonic() + self._max_defer_s
+        while self._busy() and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.05)
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop after the batch in progress and commit the stores' shards."""

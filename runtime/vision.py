@@ -506,15 +506,16 @@ class ItemStore:
             self.commit()
         return total
 
-    def fill_step(self) -> int:
-        """Encode up to ``batch`` pending items into the open shard; returns how many were taken (0: none
-        pending; always 0 for a read-only store)."""
+    def fill_step(self, limit: int | None = None) -> int:
+        """Encode up to ``batch`` (or ``limit``, if smaller) pending items into the open shard; returns how
+        many were taken (0: none pending; always 0 for a read-only store)."""
         if self.read_only:
             return 0
         with self._lock:
             take: list[tuple[str, str]] = []
+            size = self.batch if limit is None else max(1, min(self.batch, limit))
             for item_id in list(self._todo):
-                if len(take) == self.batch:
+                if len(take) == size:
                     break
                 take.append((item_id, self._todo.pop(item_id)))
             self._inflight.update(item_id for item_id, _ in take)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,15 +231,21 @@ def test_an_interrupted_fill_resumes_to_the_one_shot_result(
 def test_background_encoder_fills_while_requests_use_first_use_entries(
     tmp_path: Path, catalog: Catalog, manifest: Manifest, sessions: tuple[Any, Any]
 ) -> None:
-    s = _Stores(tmp_path, catalog, manifest, sessions, fill=False, batch=2)
-    encoder = BackgroundEncoder([s.latents, s.store], idle_s=0.05)
+    s = _Stores(tmp_path, catalog, manifest, sessions, fill=False)
+    requests = threading.Event()
+    encoder = BackgroundEncoder([s.latents, s.store], idle_s=0.05, batch=2, busy=requests.is_set, max_defer_s=60)
     encoder.pause()  # the gate: nothing is encoded in the background until resume()
     encoder.start()
     assert not encoder.wait_idle(0.2) and s.store.pending == KEEP and s.latents.pending == KEEP
     s.memory.memory_for([_Image("P00005")])  # first use
     assert s.store.pending == KEEP - 1 and s.latents.pending == KEEP - 1
+    requests.set()  # requests running: the encoder defers its batches
     encoder.resume()
-    assert encoder.wait_idle(60) and encoder.error is None and encoder.batches >= 2
+    time.sleep(0.3)
+    assert s.latents.pending == KEEP - 1 and encoder.batches == 0
+    requests.clear()
+    assert encoder.wait_idle(60) and encoder.error is None
+    assert encoder.batches == 6  # 5 pending items per store, 2 per background batch
     assert s.latents.encoded == KEEP and s.store.encoded == KEEP
     catalog.upsert(CatalogItem("NEW-1", ItemMeta(title="fresh")), image=_png(3))  # wakes the encoder
     assert encoder.wait_idle(60) and "NEW-1" in s.store
