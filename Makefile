@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt $(PARITY)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c constraints.txt -e '.[export,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[export,dev,ray]'
 	$(PIP) install --quiet -c constraints.txt --no-deps -r $(PARITY)
 	touch $@
 

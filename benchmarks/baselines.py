@@ -486,10 +486,11 @@ class _TimedSession:
         finally:
             self.durations.append(time.perf_counter() - t0)
 
-    def run_bound(self, feeds: dict[str, np.ndarray], bound: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
+    def run_bound(self, feeds: dict[str, np.ndarray], bound: dict[str, Any], outputs: list[str], *,
+                  reuse: bool = False) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
         try:
-            out: dict[str, np.ndarray] = self.inner.run_bound(feeds, bound, outputs)
+            out: dict[str, np.ndarray] = self.inner.run_bound(feeds, bound, outputs, reuse=reuse)
             return out
         finally:
             self.durations.append(time.perf_counter() - t0)

@@ -43,10 +43,12 @@ SECTIONS: dict[str, Section] = {  # in run order
     "floor": Section("benchmarks.floor", "run", "memory-bandwidth floor vs measured batch-1 decode"),
     "baselines": Section("benchmarks.baselines", "run", "upstream open-flamingo, PyTorch reference, diffusers"),
     "load": Section("benchmarks.load", "run", "gRPC load sweep, time to SERVING, server peak RSS"),
+    "cluster": Section("benchmarks.cluster", "run",
+                       "Ray Serve: 1 vs 2 replicas, per-call overhead, affinity vs default router hit rate"),
 }
 DEFAULT_SECTIONS = "tasks,floor,baselines,load,image"
 PACKAGES = ("unimp-edge", "numpy", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "diffusers",
-            "open-flamingo", "open_clip_torch", "grpcio", "matplotlib")
+            "open-flamingo", "open_clip_torch", "grpcio", "matplotlib", "ray")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -190,9 +190,10 @@ class TimedSession:
     def allocate(self, shape: tuple[int, ...], dtype: type = np.float32) -> Any:
         return self.inner.allocate(shape, dtype)
 
-    def run_bound(self, feeds: dict[str, np.ndarray], bound: dict[str, Any], outputs: list[str]) -> dict[str, np.ndarray]:
+    def run_bound(self, feeds: dict[str, np.ndarray], bound: dict[str, Any], outputs: list[str], *,
+                  reuse: bool = False) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
-        out = self.inner.run_bound(feeds, bound, outputs)
+        out = self.inner.run_bound(feeds, bound, outputs, reuse=reuse)
         self.run_s += time.perf_counter() - t0
         self.calls += 1
         return out

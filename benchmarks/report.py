@@ -240,20 +240,26 @@ def render_tasks(r: dict[str, Any], h: str) -> str:
 def render_floor(r: dict[str, Any], h: str) -> str:
     bw, dec = r.get("bandwidth", {}), r.get("decoder", {})
     w = dec.get("weights", {})
-    bw_cols = [k for k in bw if k.startswith("threads_")]
     rows = [
-        ["memory bandwidth", "; ".join(f"{k.split('_')[1]} thread(s) {bw[k]:.1f} GB/s" for k in bw_cols)
-         + f" ({bw.get('method')}, {size(bw.get('array_bytes'))}, best of {bw.get('repeats')})"],
+        ["read bandwidth", f"{bw.get('gb_s', 0.0):.1f} GB/s ({bw.get('method')}, {bw.get('threads')} thread(s), "
+         f"best of {bw.get('repeats')}); copy bandwidth {bw.get('copy_gb_s', 0.0):.1f} GB/s (read + write)"],
         ["decoder weights read per token", f"{size(w.get('per_token'))} ({w.get('source')}; "
          f"{size(w.get('gathered'))} of gathered embedding tables count one row)"],
         ["KV read per token", f"{size(dec.get('kv_bytes_read'))} at {dec.get('context_tokens')} tokens of "
          f"context + {size(dec.get('xattn_memory_bytes'))} cross-attention memory (one image)"],
         ["floor = bytes / bandwidth", f"{ms(r.get('floor_s'))} ms per token"],
-        ["measured per token (batch 1, runner)", f"{ms(r.get('per_token_s'))} ms median "
-         f"(min {ms(r.get('per_token_min_s'))}) over {r.get('steps')} steps after a {r.get('prompt_tokens')}-token prefill"],
-        ["  inside session.run / Python outside", f"{ms(r.get('session_run_s'))} / {ms(r.get('python_overhead_s'))} ms"],
-        ["ratio measured / floor", f"{r.get('ratio', 0.0):.2f}x"],
     ]
+    for layout, lr in r.get("layouts", {}).items():
+        if "per_token_s" not in lr:
+            rows.append([f"{layout} KV layout", str(lr.get("skipped", "not measured"))])
+            continue
+        rows += [
+            [f"{layout} KV layout: measured per token (batch 1, decoder core)", f"{ms(lr.get('per_token_s'))} ms "
+             f"median (min {ms(lr.get('per_token_min_s'))}) over {r.get('steps')} steps after a "
+             f"{r.get('prompt_tokens')}-token prefill; floor {ms(lr.get('floor_s'))} ms"],
+            ["  inside the session / Python outside", f"{ms(lr.get('session_run_s'))} / {ms(lr.get('python_overhead_s'))} ms"],
+            ["  ratio measured / floor", f"{lr.get('ratio', 0.0):.2f}x"],
+        ]
     out = [f"{h} Decode vs the memory-bandwidth floor", "", table(["", "value"], rows)]
     prof = r.get("profile")
     if prof:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -26,18 +27,8 @@ from runtime.decoder.batcher import Batcher
 from runtime.decoder.core import ConcatCore, DecoderCore, InplaceCore, PrefillInput
 from runtime.decoder.generator import Generator
 from runtime.decoder.kv_cache import PrefixCache, prefix_key
-from runtime.decoding.beam import AllowedTokensFn, BeamResult, BeamSearchConfig, beam_search
-from runtime.decoding.detokenize import IncrementalDetokenizer, StrippedPieces
-from runtime.decoding.itemslice import (
-    admissible_items,
-    hypothesis_items,
-    item_topk,
-    rating_distribution,
-    select_candidates,
-)
-from runtime.decoding.sampling import SamplingConfig, TokenGenerator
 from runtime.decoding.trie import TokenTrie
-from runtime.limits import DEFAULT_BEAMS, Limits
+from runtime.limits import Limits
 from runtime.manifest import Manifest, load_manifest
 from runtime.mediakv import BackgroundEncoder, MediaKVEncoder, MediaKVStore, MediaMemory, default_kv_dir
 from runtime.prompts import (
@@ -46,39 +37,31 @@ from runtime.prompts import (
     ResolvedItem,
     check_history_item,
     encode,
-    preference_prompt,
-    recommendation_prompt,
-    search_prompt,
-    selection_prompt,
 )
+from runtime.tasks import preference as preference_task
+from runtime.tasks import recommend as recommend_task
+from runtime.tasks import selection as selection_task
 from runtime.types import (
-    BeamOptions,
     CancelToken,
-    DecodeMode,
     HistoryItem,
     ImageModel,
     InvalidRequest,
-    ItemFilter,
     ItemMeta,
     NotFound,
     PreferenceRequest,
     PreferenceResult,
     RecommendRequest,
     RecommendResult,
-    ScoredItem,
     SearchRequest,
     SelectRequest,
     SelectResult,
     TextPiece,
-    Timings,
     check_cancel,
 )
 from runtime.vision import ItemStore, LatentStore, VisionEncoder
 
 log = logging.getLogger(__name__)
 
-_SENTINEL_FLOOR = -1.0e8
-"""Beam scores at or below this are the search's -1e9 "no hypothesis" sentinel, not log-probabilities."""
 
 
 @dataclass(frozen=True)
@@ -215,14 +198,14 @@ class Runtime:
 
             self._diffusion = DiffusionPipeline.from_artifacts(root, manifest, lambda p: open_session(p, backend))
         t = manifest.tokens
-        self.ban_specialned = np.array([t.image, t.answer, t.pad], np.int64)
+        self._banned = np.array([t.image, t.answer, t.pad], np.int64)
         self.requests = 0
         self._semantic_trie: TokenTrie | None = None
         """Semantic-ID items: every table row spelled after the answer prefix (built once: the table never
         changes, catalog edits only move items between rows and change the masks applied to it)."""
         if self._catalog.semantic is not None:
             spellings = self._catalog.semantic.spellings(t)  # (N, 4) token ids
-            self._semantic_trie = TokenTrie.from_sequences(spellings, t.eos, prefix=self._answer_prefix)
+            self._semantic_trie = TokenTrie.from_sequences(spellings, t.eos, prefix=self.answer_prefix)
             self._semantic_trie.build_index()  # now, not in a request thread: later masked views only read it
 
     @classmethod
@@ -289,9 +272,9 @@ class Runtime:
     # -- request plumbing -------------------------------------------------------------------------------
     def resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
         """Items checked by the same rule RecordInteraction writes with, resolved against the catalog."""
-        return tuple(self._resolve_one(item, f"{name}[{k}]") for k, item in enumerate(items))
+        return tuple(self.resolve_one(item, f"{name}[{k}]") for k, item in enumerate(items))
 
-    def _resolve_one(self, item: HistoryItem, path: str) -> ResolvedItem:
+    def resolve_one(self, item: HistoryItem, path: str) -> ResolvedItem:
         """An item without an image (inline, or a catalog item that has none) becomes a chunk without its
         own ``<image>``."""
         check_history_item(item, path)
@@ -308,7 +291,7 @@ class Runtime:
         return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
                             has_image, self._catalog.semantic_codes(token))
 
-    def admit(self, cancel: CancelToken | None = None, rows: int = 1):  # type: ignore[no-untyped-def]
+    def admit(self, cancel: CancelToken | None = None, rows: int = 1) -> AbstractContextManager[Generator]:
         """A decode ``Generator`` with ``rows`` KV rows (beams) reserved (context manager; Overloaded when the
         queue is full). Tasks that only need the prompt's logits do not take one."""
         return self.batcher.admit(cancel, rows)
@@ -349,7 +332,7 @@ class Runtime:
             self.prefix_cache.put(key, out.entry, owner)
         return Prefilled(out.logits, prompt, vision_s, time.perf_counter() - t0, entry is not None)
 
-    def _fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> EncodedPrompt:
+    def fit(self, build: Callable[[int], Prompt], history_len: int, blame: str) -> EncodedPrompt:
         """The prompt with the most recent history items (up to ``max_history``) that fits the model.
 
         ``build(n)`` makes the prompt from the newest ``n`` history items. The oldest items are dropped
@@ -384,246 +367,24 @@ class Runtime:
                 )
             n -= 1
 
-    def _check_decoding(self, top_k: int, mode: DecodeMode, beam: BeamOptions) -> None:
-        """top_k, beam width and new tokens within ``config.limits`` (see runtime.limits for the semantics)."""
-        lim = self.config.limits
-        if not 1 <= top_k <= lim.max_top_k:
-            raise InvalidRequest(f"top_k: must be in 1..{lim.max_top_k}, got {top_k}", field="top_k")
-        if mode == DecodeMode.FAST:
-            return
-        if top_k > lim.beam_top_k_limit():
-            raise InvalidRequest(
-                f"top_k: is {top_k}, above the limit of {lim.beam_top_k_limit()} in beam mode (one item per beam)",
-                field="top_k",
-            )
-        if not 1 <= beam.num_beams <= lim.max_beams:
-            raise InvalidRequest(f"beam.num_beams: must be in 1..{lim.max_beams}, got {beam.num_beams}",
-                                 field="beam.num_beams")
-        if mode == DecodeMode.BEAM_CONSTRAINED:
-            return  # one item per beam; num_return_sequences and max_new_tokens do not apply
-        if not 1 <= beam.num_return_sequences <= beam.num_beams:
-            raise InvalidRequest(f"beam.num_return_sequences: must be in 1..num_beams ({beam.num_beams}), got "
-                                 f"{beam.num_return_sequences}", field="beam.num_return_sequences")
-        if not 1 <= beam.max_new_tokens <= lim.max_new_tokens:
-            raise InvalidRequest(f"beam.max_new_tokens: must be in 1..{lim.max_new_tokens}, got {beam.max_new_tokens}",
-                                 field="beam.max_new_tokens")
 
     def ban_special(self, ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         scores = np.array(scores, copy=True)
-        scores[..., self.ban_specialned] = -np.inf  # no new image, answer or pad token can be generated
+        scores[..., self._banned] = -np.inf  # no new image, answer or pad token can be generated
         return scores
 
-    # -- recommendation and search ----------------------------------------------------------------------
-    def recommend(self, request: RecommendRequest) -> RecommendResult:
-        history = self.resolve(request.history)
-        prompt = self._fit(lambda n: recommendation_prompt(history, n), len(history), f"history[{len(history) - 1}]")
-        return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel, request.user_id)
+    # -- what tasks see (runtime.tasks.context.TaskContext) ---------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return self.config.limits
 
-    def search(self, request: SearchRequest) -> RecommendResult:
-        history = self.resolve(request.history)
-        prompt = self._fit(lambda n: search_prompt(history, request.query, n), len(history), "query")
-        return self._rank_items(prompt, request.top_k, request.mode, request.filter, request.beam, request.tenant,
-                                request.cancel, request.user_id)
-
-    def _item_masks(self, item_filter: ItemFilter, history: tuple[int, ...]) -> dict[str, np.ndarray | None]:
-        allow = None
-        if item_filter.allow:
-            allow = np.array([self._token_for(item_id, f"filter.allow_item_ids[{i}]")
-                              for i, item_id in enumerate(item_filter.allow)], np.int64)
-        return {
-            "exclude": np.array(history, np.int64) if item_filter.exclude_history and history else None,
-            "unavailable": ~self._catalog.available_mask(),
-            "allow": allow,
-            "category_mask": self._catalog.category_mask(list(item_filter.categories)) if item_filter.categories else None,
-        }
-
-    def _token_for(self, item_id: str, field_name: str) -> int:
-        try:
-            token = self._catalog.token_of(item_id)
-        except NotFound as exc:
-            raise NotFound(f"{field_name}: unknown catalog item {item_id!r}", field=field_name) from exc
-        if token < 0:
-            raise InvalidRequest(f"{field_name}: item {item_id!r} has no model token", field=field_name)
-        return token
-
-    def _rank_items(
-        self,
-        prompt: EncodedPrompt,
-        top_k: int,
-        mode: DecodeMode,
-        item_filter: ItemFilter,
-        beam: BeamOptions,
-        tenant: str,
-        cancel: CancelToken | None,
-        user_id: str = "",
-    ) -> RecommendResult:
-        self._check_decoding(top_k, mode, beam)
-        lim = self.config.limits
-        if self._semantic_trie is not None and mode == DecodeMode.FAST and top_k > lim.beam_top_k_limit():
-            raise InvalidRequest(
-                f"top_k: is {top_k}, above the limit of {lim.beam_top_k_limit()} for semantic-ID items (fast mode "
-                "is a constrained beam search, one item per beam)", field="top_k",
-            )
-        t_start = time.perf_counter()
-        self.requests += 1
-        t = self.manifest.tokens
-        masks = self._item_masks(item_filter, prompt.prompt.history_tokens)
-        decode_s, tokens = 0.0, 0
-        if self._semantic_trie is None and mode == DecodeMode.FAST:  # the prompt's logits alone
-            pre = self.prefill(prompt, tenant, cancel, user_id)
-            ranked = item_topk(pre.logits, t.item_start, t.item_count, top_k, **masks).pairs()  # type: ignore[arg-type]
-        else:
-            rows = beam.num_beams
-            if self._semantic_trie is not None and mode == DecodeMode.FAST:
-                rows = self._semantic_fast_beams(top_k)
-            with self.admit(cancel, rows) as gen:
-                pre = self.prefill(prompt, tenant, cancel, user_id, gen)
-                t0 = time.perf_counter()
-                if self._semantic_trie is not None:
-                    ranked, tokens = self._semantic_items(self._semantic_trie, pre, gen, top_k, mode, beam, masks, cancel)
-                elif mode == DecodeMode.BEAM_CONSTRAINED:
-                    ranked, tokens = self._constrained_beam_items(pre, gen, top_k, beam, masks, cancel)
-                else:
-                    ranked, tokens = self._beam_items(pre, gen, beam, masks, cancel)
-                    ranked = ranked[:top_k]
-                decode_s = time.perf_counter() - t0
-        items = []
-        for index, score in ranked:
-            entry = self._catalog.by_token(index)
-            items.append(ScoredItem(entry.item_id if entry else f"item_{index}", float(score), entry.meta if entry else None))
-        total = time.perf_counter() - t_start
-        timings = Timings(pre.vision_s, pre.prefill_s, decode_s, total, pre.vision_s + pre.prefill_s, tokens, pre.hit)
-        return RecommendResult(tuple(items), timings)
-
-    def _beam_items(
-        self, pre: Prefilled, gen: Generator, beam: BeamOptions, masks: dict[str, np.ndarray | None],
-        cancel: CancelToken | None,
-    ) -> tuple[list[tuple[int, float]], int]:
-        """Paper-parity beam search over the whole vocabulary; returns the items the hypotheses spell.
-
-        Each hypothesis, best first, contributes the first item token it contains if that item is
-        admissible and not contributed yet, scored by the hypothesis's length-penalised sequence score.
-        Possibly fewer items than hypotheses, possibly none."""
-        t = self.manifest.tokens
-        result = self._run_beams(pre, gen, self._paper_beam_config(beam), cancel)
-        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
-        return hypothesis_items(result, t.item_start, ok), int(result.steps)
-
-    def _paper_beam_config(self, beam: BeamOptions) -> BeamSearchConfig:
-        """The request's beam options as HF-semantics beam search settings (the paper's DECODE_MODE_BEAM)."""
-        t = self.manifest.tokens
-        return BeamSearchConfig(
-            num_beams=beam.num_beams,
-            num_return_sequences=beam.num_return_sequences,
-            max_new_tokens=beam.max_new_tokens,
-            length_penalty=beam.length_penalty,
-            early_stopping=beam.early_stopping,
-            eos_token_id=t.eos,
-            pad_token_id=t.pad,
-        )
-
-    def _constrained_beam_items(
-        self, pre: Prefilled, gen: Generator, top_k: int, beam: BeamOptions, masks: dict[str, np.ndarray | None],
-        cancel: CancelToken | None,
-    ) -> tuple[list[tuple[int, float]], int]:
-        """Beam search constrained to admissible catalog items: min(top_k, admissible) distinct items.
-
-        The trie spells admissible item ``k`` as the answer prefix (see ``_answer_prefix``), then
-        ``item_k``, then EOS, so every hypothesis is one item and all have the same length; scores are
-        unpenalised sequence log-probabilities (length_penalty 0). With ``num_beams >= top_k`` beams and
-        at least ``top_k`` admissible items, the ``num_beams`` surviving beams after the item step are
-        distinct admissible items, so ``top_k`` of them come back.
-        """
-        if beam.num_beams < top_k:
-            raise InvalidRequest(f"beam.num_beams: must be >= top_k ({top_k}) in constrained beam mode, "
-                                 f"got {beam.num_beams}", field="beam.num_beams")
-        t = self.manifest.tokens
-        ok = admissible_items(t.item_count, **masks)  # type: ignore[arg-type]
-        admissible = np.flatnonzero(ok)  # (A,) item indices
-        if admissible.size == 0:
-            return [], 0
-        prefix = self._answer_prefix
-        trie = TokenTrie.atomic_items(t.item_start, admissible, t.eos, prefix)
-        cfg = BeamSearchConfig(
-            num_beams=beam.num_beams,
-            num_return_sequences=beam.num_beams,
-            max_new_tokens=len(prefix) + 2,  # prefix, item, EOS
-            length_penalty=0.0,
-            eos_token_id=t.eos,
-            pad_token_id=t.pad,
-        )
-        result = self._run_beams(pre, gen, cfg, cancel, allowed_tokens=trie.allowed, ban=False)
-        ranked: list[tuple[int, float]] = []
-        seen: set[int] = set()
-        for seq, score in zip(result.sequences(), result.scores):
-            index = trie.lookup(seq)
-            # rows that never left the search's -1e9 sentinel (fewer admissible items than beams) repeat items
-            if index < 0 or index in seen or not score > _SENTINEL_FLOOR:
-                continue
-            seen.add(index)
-            ranked.append((index, float(score)))
-        return ranked[:top_k], int(result.steps)
-
-    def _semantic_fast_beams(self, top_k: int) -> int:
-        """Beams of the constrained search that FAST mode runs for semantic-ID items."""
-        return min(max(top_k, DEFAULT_BEAMS), self.config.limits.max_beams)
-
-    def _semantic_items(
-        self, trie: TokenTrie, pre: Prefilled, gen: Generator, top_k: int, mode: DecodeMode, beam: BeamOptions,
-        masks: dict[str, np.ndarray | None], cancel: CancelToken | None,
-    ) -> tuple[list[tuple[int, float]], int]:
-        """Semantic-ID items: (row, score) best first, from a beam search over 4-token ids.
-
-        FAST and BEAM_CONSTRAINED run a beam search constrained to the admissible items' spellings
-        (answer prefix, ``item_a item_b item_c item_last_d``, EOS: every beam is a valid, admissible id;
-        unpenalised log-probabilities), FAST with ``num_beams = max(top_k, 10)`` capped by
-        ``limits.max_beams``, BEAM_CONSTRAINED with the request's ``num_beams`` (>= top_k). BEAM is the
-        paper's unconstrained search; a hypothesis counts when it spells a whole admissible id exactly.
-        With at least as many beams as admissible items the constrained search is exact (every prefix of
-        every admissible id survives each step)."""
-        t = self.manifest.tokens
-        ok = admissible_items(self._catalog.item_count, **masks)  # type: ignore[arg-type]
-        if mode == DecodeMode.BEAM:
-            result = self._run_beams(pre, gen, self._paper_beam_config(beam), cancel)
-            return self._trie_items(result, trie.masked(ok).lookup)[:top_k], int(result.steps)
-        if mode == DecodeMode.FAST:
-            num_beams = self._semantic_fast_beams(top_k)
-        else:
-            num_beams = beam.num_beams
-            if num_beams < top_k:
-                raise InvalidRequest(f"beam.num_beams: must be >= top_k ({top_k}) in constrained beam mode, "
-                                     f"got {num_beams}", field="beam.num_beams")
-        view = trie.masked(ok)
-        if len(view) == 0:
-            return [], 0
-        cfg = BeamSearchConfig(
-            num_beams=num_beams,
-            num_return_sequences=num_beams,
-            max_new_tokens=trie.max_length + 1,  # prefix, 4 codes, EOS
-            length_penalty=0.0,
-            eos_token_id=t.eos,
-            pad_token_id=t.pad,
-        )
-        result = self._run_beams(pre, gen, cfg, cancel, allowed_tokens=view.allowed, ban=False)
-        return self._trie_items(result, view.lookup)[:top_k], int(result.steps)
-
-    @staticmethod
-    def _trie_items(result: BeamResult, lookup: Callable[[np.ndarray], int]) -> list[tuple[int, float]]:
-        """Distinct items the hypotheses spell (``lookup``: tokens -> item or -1), best first; rows still at
-        the search's -1e9 sentinel (fewer admissible items than beams) are skipped."""
-        ranked: list[tuple[int, float]] = []
-        seen: set[int] = set()
-        for seq, score in zip(result.sequences(), result.scores):
-            index = lookup(seq)
-            if index < 0 or index in seen or not score > _SENTINEL_FLOOR:
-                continue
-            seen.add(index)
-            ranked.append((index, float(score)))
-        return ranked
+    @property
+    def semantic_trie(self) -> TokenTrie | None:
+        """Semantic-ID items: every table row spelled after the answer prefix; None for atomic items."""
+        return self._semantic_trie
 
     @cached_property
-    def _answer_prefix(self) -> tuple[int, ...]:
+    def answer_prefix(self) -> tuple[int, ...]:
         """Tokens before ``item_k`` when the tokenizer encodes the reference answer `` item_k`` (UniMP's
         target follows ``<answer>`` with a space): the byte-level BPE's whitespace token, or nothing."""
         t = self.manifest.tokens
@@ -635,144 +396,29 @@ class Runtime:
             return ()
         return tuple(int(i) for i in ids[:-1])
 
-    def _run_beams(
-        self, pre: Prefilled, gen: Generator, cfg: BeamSearchConfig, cancel: CancelToken | None, *,
-        allowed_tokens: AllowedTokensFn | None = None, ban: bool = True,
-    ) -> BeamResult:
-        """Beam search from the prefill on ``gen`` (its rows fork from the prompt row at the first step);
-        ``ban``: no image, answer or pad token. New tokens are capped by the context left."""
-        processor = self.ban_special if ban else None
-        cfg = replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, gen.room)))
-        return beam_search(pre.logits, gen.advance_beams, cfg, logits_processor=processor,
-                           allowed_tokens=allowed_tokens, cancel=cancel)
+    # -- the tasks (runtime.tasks) ------------------------------------------------------------------------
+    def recommend(self, request: RecommendRequest) -> RecommendResult:
+        return recommend_task.recommend(self, request)
 
-    # -- preference and explanation ---------------------------------------------------------------------
-    def _preference_prompt(self, request: PreferenceRequest) -> EncodedPrompt:
-        """The request's sampling options checked, and its rating prompt fitted to the model."""
-        history = self.resolve(request.history)
-        target = self._resolve_one(request.target, "target")
-        s = request.sampling
-        lim = self.config.limits
-        if not 0 <= s.temperature <= 5:
-            raise InvalidRequest(f"sampling.temperature: must be in 0..5, got {s.temperature}",
-                                 field="sampling.temperature")
-        if not 0 < s.top_p <= 1:
-            raise InvalidRequest(f"sampling.top_p: must be in (0, 1], got {s.top_p}", field="sampling.top_p")
-        if not 1 <= s.max_new_tokens <= lim.max_new_tokens:
-            raise InvalidRequest(f"sampling.max_new_tokens: must be in 1..{lim.max_new_tokens}, got {s.max_new_tokens}",
-                                 field="sampling.max_new_tokens")
-        if not 1 <= s.num_beams <= lim.max_beams:
-            raise InvalidRequest(f"sampling.num_beams: must be in 1..{lim.max_beams}, got {s.num_beams}",
-                                 field="sampling.num_beams")
-        self.requests += 1
-        return self._fit(lambda n: preference_prompt(history, target, n), len(history), "target")
+    def search(self, request: SearchRequest) -> RecommendResult:
+        return recommend_task.search(self, request)
 
     def predict_preference(self, request: PreferenceRequest) -> PreferenceResult:
-        """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone.
-
-        No decode slot is taken and no text is generated (``explanation`` "", ``finish_reason`` "",
-        ``timings.tokens`` 0); the distribution is the one ``explain`` reports for the same request.
-        ``request.sampling`` is validated as for ``explain`` but not used."""
-        t_start = time.perf_counter()
-        pre = self.prefill(self._preference_prompt(request), request.tenant, request.cancel, request.user_id)
-        dist = rating_distribution(pre.logits, self.manifest.tokens.rates)
-        return PreferenceResult(
-            rating_distribution=tuple(float(p) for p in dist.probs),
-            expected_rating=dist.expected,
-            rating=dist.rating,
-            timings=Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start,
-                            pre.vision_s + pre.prefill_s, 0, pre.hit),
-        )
+        """Rating only: the distribution over ``rate_1..rate_5`` from the prompt's prefill alone (see
+        runtime.tasks.preference)."""
+        return preference_task.predict_preference(self, request)
 
     def explain(self, request: PreferenceRequest) -> Iterator[TextPiece | PreferenceResult]:
-        """Rating distribution from the prefill; then ``rate_r`` (the argmax) and the explanation, streamed.
+        """Rating distribution, then ``rate_r`` and the explanation, streamed (see runtime.tasks.preference)."""
+        return preference_task.explain(self, request)
 
-        The explanation is the decoded text without leading or trailing whitespace, and the streamed
-        pieces concatenate to exactly that text (greedy, sampled, and beam: one piece, the whole text)."""
-        t_start = time.perf_counter()
-        prompt = self._preference_prompt(request)
-        with self.admit(request.cancel, max(1, request.sampling.num_beams)) as gen:
-            pre = self.prefill(prompt, request.tenant, request.cancel, request.user_id, gen)
-            yield from self._explain_decode(request, pre, gen, t_start)
-
-    def _explain_decode(self, request: PreferenceRequest, pre: Prefilled, gen: Generator,
-                        t_start: float) -> Iterator[TextPiece | PreferenceResult]:
-        t = self.manifest.tokens
-        s = request.sampling
-        dist = rating_distribution(pre.logits, t.rates)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        stripped = StrippedPieces()
-        first_token_s = 0.0
-        produced = 0
-        finish = "eos"
-        t0 = time.perf_counter()
-        rate_token = np.array([t.rates[dist.rating - 1]], np.int64)
-        logits = gen.step(rate_token)
-        max_new = max(1, min(s.max_new_tokens, gen.room))
-        if s.num_beams > 1:
-            cfg = BeamSearchConfig(num_beams=s.num_beams, max_new_tokens=max_new, eos_token_id=t.eos,
-                                   pad_token_id=t.pad)
-            result = beam_search(logits[0], gen.advance_beams, cfg, logits_processor=self.ban_special,
-                                 cancel=request.cancel)
-            best = result.sequences()[0]
-            finish = "eos" if len(best) and int(best[-1]) == t.eos else "length"
-            produced = len(best)
-            first_token_s = time.perf_counter() - t_start
-            piece = stripped.push(self.tokenizer.decode(best.tolist(), skip_special_tokens=True))
-            if piece:
-                yield TextPiece(piece)
-        else:
-            sampler = TokenGenerator(
-                logits[0], gen.advance,
-                SamplingConfig(s.temperature, s.top_p, s.seed, max_new, t.eos),
-                cancel=request.cancel, logits_processor=self.ban_special,
-            )
-            while not sampler.is_done():
-                token = sampler.step()
-                if token is None:
-                    break
-                produced += 1
-                piece = stripped.push(detok.push(token))
-                if piece:
-                    if not first_token_s:
-                        first_token_s = time.perf_counter() - t_start
-                    yield TextPiece(piece)
-            tail = stripped.push(detok.flush())
-            if tail:
-                yield TextPiece(tail)
-            finish = sampler.finish_reason or "eos"
-            if finish == "cancelled":
-                check_cancel(request.cancel)
-        decode_s = time.perf_counter() - t0
-        yield PreferenceResult(
-            rating_distribution=tuple(float(p) for p in dist.probs),
-            expected_rating=dist.expected,
-            rating=dist.rating,
-            explanation=stripped.text,
-            finish_reason=finish,
-            timings=Timings(pre.vision_s, pre.prefill_s, decode_s, time.perf_counter() - t_start,
-                            first_token_s or (pre.vision_s + pre.prefill_s), produced, pre.hit),
-        )
-
-    # -- item selection ---------------------------------------------------------------------------------
     def select_items(self, request: SelectRequest) -> SelectResult:
-        t_start = time.perf_counter()
-        history = self.resolve(request.history)
-        candidates = self.resolve(request.candidates, name="candidates")
-        if not 1 <= request.max_selected <= max(1, len(candidates)):
-            raise InvalidRequest(f"max_selected: must be in 1..{max(1, len(candidates))} (the number of candidates), "
-                                 f"got {request.max_selected}", field="max_selected")
-        self.requests += 1
-        prompt = self._fit(lambda n: selection_prompt(history, candidates, n), len(history), "candidates")
-        pre = self.prefill(prompt, request.tenant, request.cancel, request.user_id)
-        sel = select_candidates(pre.logits, self.manifest.tokens.selections, len(candidates), request.max_selected)
-        timings = Timings(pre.vision_s, pre.prefill_s, 0.0, time.perf_counter() - t_start, pre.vision_s + pre.prefill_s, 0, pre.hit)
-        return SelectResult(sel.selected, sel.scores, timings)
+        return selection_task.select_items(self, request)
 
     # -- image generation -------------------------------------------------------------------------------
     def generate_image(self, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
-        """``request.model`` picks the path (runtime.image_task.choose_image_model): VQGAN codes or diffusion."""
-        from runtime.image_task import choose_image_model, generate_image, generate_image_codes
+        """``request.model`` picks the path (runtime.tasks.image.choose_image_model): VQGAN codes or diffusion."""
+        from runtime.tasks.image import choose_image_model, generate_image, generate_image_codes
 
         model = choose_image_model(request.model, self._vqgan is not None, self._diffusion is not None)
         if model == ImageModel.VQGAN:

@@ -49,19 +49,9 @@ class Session(Protocol):
         ...
 
     def run_bound(
-        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str]
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str], *, reuse: bool = False
     ) -> dict[str, np.ndarray]:
         """Run with host ``feeds``, tensors (inputs or outputs) ``bound`` to backend memory, and the host
-        ``outputs`` returned. Binding an input and an output to the same address updates it in place."""
+        ``outputs`` returned. Binding an input and an output to the same address updates it in place.
+        ``reuse``: the same bindings come back (a decode step, from one thread): the backend may keep them."""
         ...
-
-
-def open_session(path: Path, config: BackendConfig) -> Session:
-    """Open ``path`` with the backend the config names."""
-    if config.provider == "tensorrt" and path.suffix in (".engine", ".plan"):
-        from runtime.backends.tensorrt import TensorRTSession
-
-        return TensorRTSession(path, config)
-    from runtime.backends.ort import OrtSession
-
-    return OrtSession(path, config)

@@ -48,6 +48,6 @@ class TensorRTSession:
         raise TensorRTUnavailable("TensorRT engine execution is not implemented in this build")
 
     def run_bound(
-        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str]
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str], *, reuse: bool = False
     ) -> dict[str, np.ndarray]:
         raise TensorRTUnavailable("TensorRT engine execution is not implemented in this build")

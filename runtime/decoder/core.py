@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.backends.base import Session
-from runtime.backends.buffers import HostBuffer
+from runtime.backends.buffers import Binding, HostBuffer
 from runtime.decoder.kv_cache import PrefixEntry, RowState
 from runtime.decoder.pool import COPY_CAUSES, KVPool, RowSet
 from runtime.decoder.runner import DecoderRunner, Memory, PrefillRow, prefix_entry
@@ -98,6 +98,7 @@ class InplaceCore:
         self.memory_names = [(n.xattn_key.format(block=j), n.xattn_value.format(block=j)) for j in range(self.blocks)]
         self.image_id = manifest.tokens.image
         self.calls = 0
+        self._windows: dict[tuple[int, int], dict[str, Binding]] = {}
         self._private_copied = dict.fromkeys(COPY_CAUSES, 0)
         self._lock = threading.Lock()
 
@@ -126,26 +127,42 @@ class InplaceCore:
         return out
 
     # -- graph calls ------------------------------------------------------------------------------------
-    def _run(self, ids: np.ndarray, lengths: np.ndarray, text_time: np.ndarray, index: np.ndarray,
-             keys: list, values: list, memory: list, bound_memory: bool) -> np.ndarray:
-        """One call; ``keys``/``values`` are Bindings (in place); memory Bindings or host arrays."""
+    def _feeds(self, ids: np.ndarray, lengths: np.ndarray, text_time: np.ndarray, index: np.ndarray) -> dict[str, np.ndarray]:
         n = self.m.names
-        feeds: dict[str, np.ndarray] = {
+        return {
             n.input_ids: ids, n.seqlens_k: (lengths - 1).astype(np.int32),
             n.total_sequence_length: np.array(lengths.max(), np.int32), n.text_time: text_time,
             n.logits_index: index.astype(np.int64),
         }
-        bound = {}
+
+    def _bind_kv(self, keys: list, values: list) -> dict[str, Binding]:
+        bound: dict[str, Binding] = {}
         for (pk, pv), (ok, ov), k, v in zip(self.past, self.present, keys, values):
             bound[pk] = bound[ok] = k
             bound[pv] = bound[ov] = v
+        return bound
+
+    def _run(self, ids: np.ndarray, lengths: np.ndarray, text_time: np.ndarray, index: np.ndarray,
+             keys: list, values: list, memory: list) -> np.ndarray:
+        """A prefill: ``keys``/``values`` Bindings (written in place), cross-attention memory host arrays."""
+        feeds = self._feeds(ids, lengths, text_time, index)
         for (kn, vn), (k, v) in zip(self.memory_names, memory):
-            if bound_memory:
-                bound[kn], bound[vn] = k, v
-            else:
-                feeds[kn], feeds[vn] = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
+            feeds[kn], feeds[vn] = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
         self.calls += 1
-        return self.decoder.run_bound(feeds, bound, [n.logits])[n.logits]
+        logits = self.m.names.logits
+        return self.decoder.run_bound(feeds, self._bind_kv(keys, values), [logits])[logits]
+
+    def _window(self, lo: int, hi: int) -> dict[str, Binding]:
+        """Every pool buffer's rows [lo, hi) bound to the graph's names; the same dict for the same window
+        (the pool never moves its buffers), so the backend can keep the binding between steps."""
+        bound = self._windows.get((lo, hi))
+        if bound is None:
+            keys, values, memory = self.pool.bind(lo, hi)
+            bound = self._bind_kv(keys, values)
+            for (kn, vn), (k, v) in zip(self.memory_names, memory):
+                bound[kn], bound[vn] = k, v
+            self._windows[(lo, hi)] = bound
+        return bound
 
     def _prefill_rows(self, start: int, prompt: PrefillInput, keys: list, values: list,
                       write_prefix: bool) -> np.ndarray:
@@ -160,7 +177,7 @@ class InplaceCore:
         text_time = (images_before + np.cumsum(suffix == self.image_id))[None].astype(np.int64)
         memory = self._media._batch_memory([prompt.memory])
         lengths = np.array([t], np.int64)
-        logits = self._run(suffix[None], lengths, text_time, np.array([len(suffix) - 1]), keys, values, memory, False)
+        logits = self._run(suffix[None], lengths, text_time, np.array([len(suffix) - 1]), keys, values, memory)
         return logits[0]
 
     def prefill(self, seq: Handle, prompt: PrefillInput) -> PrefillOutput:
@@ -223,7 +240,7 @@ class InplaceCore:
         memory = self._media._batch_memory([r.memory for r in rows])
         # every row a first prompt (total == seq): the op reads each row's own length from seqlens_k
         return self._run(ids, lengths, text_time, lengths - 1, [x.bind(0, b) for x in kb],
-                         [x.bind(0, b) for x in vb], memory, False)
+                         [x.bind(0, b) for x in vb], memory)
 
     def step(self, seqs: list[Handle], tokens: list[np.ndarray]) -> list[np.ndarray]:
         """One token per row of every sequence, in one call over the pool window that holds them."""
@@ -238,9 +255,10 @@ class InplaceCore:
             ids[s - lo, 0] = np.asarray(tok, np.int64).reshape(-1)
         # rows in the window that did not submit write their token at their own next position (scratch)
         lengths = pool.lengths[lo:hi] + 1
-        keys, values, memory = pool.bind(lo, hi)
-        text_time = pool.has_image[lo:hi, None].copy()
-        logits = self._run(ids, lengths, text_time, np.zeros(hi - lo, np.int64), keys, values, memory, True)
+        feeds = self._feeds(ids, lengths, pool.has_image[lo:hi, None].copy(), np.zeros(hi - lo, np.int64))
+        self.calls += 1
+        name = self.m.names.logits
+        logits = self.decoder.run_bound(feeds, self._window(lo, hi), [name], reuse=True)[name]
         pool.lengths[every] += 1
         return [logits[s - lo] for s in slots]
 

@@ -9,20 +9,28 @@ the strategies in runtime.decoding take.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 
-from runtime.decoder.core import Handle, PrefillInput, PrefillOutput
+from runtime.decoder.core import DecoderCore, Handle, PrefillInput, PrefillOutput
 from runtime.decoder.kv_cache import PrefixEntry
 from runtime.types import CancelToken, check_cancel
 
-if TYPE_CHECKING:
-    from runtime.decoder.batcher import Batcher
+
+class Worker(Protocol):
+    """What a generator needs of the batcher (runtime.decoder.batcher.Batcher): its core, and its thread."""
+
+    core: DecoderCore
+
+    def call(self, fn: Callable[[], Any]) -> Any: ...
+
+    def submit_step(self, seq: Handle, tokens: np.ndarray, parents: np.ndarray | None = None) -> np.ndarray: ...
 
 
 class Generator:
-    def __init__(self, batcher: Batcher, reserved: int, max_context: int) -> None:
+    def __init__(self, batcher: Worker, reserved: int, max_context: int) -> None:
         self._batcher = batcher
         self.reserved = reserved
         """Rows (beams) this sequence may grow to; reserved in the pool at admission."""

@@ -30,7 +30,7 @@ import numpy.typing as npt
 from PIL import Image
 from tokenizers import Tokenizer
 
-from runtime.backends.base import BackendConfig, Session, open_session
+from runtime.backends import BackendConfig, Session, open_session
 from runtime.diffusion.schedulers import (
     Scheduler,
     SchedulerConfigError,

@@ -57,6 +57,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="TOML config file using the 'config key' names below (a.b is key b of table [a])")
+    scale = parser.add_argument_group(
+        "scale-out (Ray Serve; needs the 'ray' extra: pip install 'unimp-edge[ray]')",
+        "--engine ray serves the same RPCs through Ray Serve's gRPC ingress on --port, which binds ALL "
+        "interfaces in plaintext (--host and tls.* do not apply): it needs --insecure, a firewall and TLS "
+        "termination in front (README, deployment). Replicas share one interaction store in --state-dir.")
+    scale.add_argument("--engine", choices=["local", "ray"], default="local",
+                       help="local: this process serves (default); ray: a local Ray cluster with Serve replicas")
+    scale.add_argument("--replicas", type=int, default=None, metavar="N",
+                       help="with --engine ray: number of replicas, each opening the artifacts once (default: 1)")
+    scale.add_argument("--autoscale", default=None, metavar="MIN:MAX",
+                       help="with --engine ray: let Serve autoscale between MIN and MAX replicas (replaces --replicas)")
+    scale.add_argument("--replica-cpus", type=float, default=0.0, metavar="X",
+                       help="with --engine ray: Ray CPUs each replica reserves (default: %(default)s, reserve none)")
+    scale.add_argument("--router", choices=["affinity", "default"], default="affinity",
+                       help="with --engine ray: affinity (a user's requests meet their cached history; default) or "
+                            "Serve's default power-of-two-choices router")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for info in iter_fields():
         section = info.path.split(".")[0] if "." in info.path else ""
@@ -142,11 +158,42 @@ def run_serve(args: argparse.Namespace) -> int:
     if config.artifacts is None:
         logger.error("invalid configuration: artifacts: required (--artifacts DIR, the output of `unimp export`)")
         return 2
+    engine = getattr(args, "engine", "local")
+    if engine == "local" and (getattr(args, "replicas", None) is not None or getattr(args, "autoscale", None)):
+        logger.error("invalid configuration: replicas: --replicas and --autoscale need --engine ray")
+        return 2
+    if engine == "ray":
+        return _run_ray(args, config)
     try:
         return asyncio.run(_serve(config))
     except ConfigError as exc:
         logger.error("invalid configuration: %s", exc)
         return 2
+
+
+def _run_ray(args: argparse.Namespace, config: Any) -> int:
+    """``unimp serve --engine ray``: a local Ray cluster with the Serve application (runtime.deploy)."""
+    import importlib.util
+
+    from runtime.deploy.app import ClusterOptions, check_exposure, parse_autoscale, run_cluster
+
+    try:
+        config.validate()
+        options = ClusterOptions(
+            replicas=args.replicas if args.replicas is not None else 1,
+            autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+            replica_cpus=args.replica_cpus,
+            affinity=args.router == "affinity",
+        )
+        options.validate()
+        check_exposure(config)
+    except ConfigError as exc:
+        logger.error("invalid configuration: %s", exc)
+        return 2
+    if importlib.util.find_spec("ray") is None:
+        logger.error("--engine ray needs Ray Serve: pip install 'unimp-edge[ray]' (ray[serve] 2.60)")
+        return 2
+    return run_cluster(config, options)
 
 
 # -- client -------------------------------------------------------------------------------------------

@@ -211,6 +211,24 @@ class Servicer:
             out.append(grpc.method_handlers_generic_handler(service.full_name, handlers))
         return out
 
+    def method_kinds(self) -> dict[str, bool]:
+        """Every implemented RPC by method name: True for a server stream (hosts other than grpc.aio)."""
+        kinds = {}
+        for service in (PERSONALIZATION, CATALOG):
+            for method in service.methods:
+                kinds[method.name] = method.server_streaming
+        return kinds
+
+    async def serve_unary(self, rpc: str, raw: bytes, context: Any) -> Message:
+        """One unary RPC through the same path as the grpc.aio handlers; ``context`` is anything with the
+        grpc.aio ServicerContext methods this module uses (invocation_metadata, time_remaining, peer,
+        send_initial_metadata, abort). Used by hosts other than the grpc.aio server (runtime.deploy)."""
+        return await self._serve_unary(rpc, self._impls[rpc], raw, context)
+
+    def serve_stream(self, rpc: str, raw: bytes, context: Any) -> AsyncIterator[Message]:
+        """One server-streaming RPC; see ``serve_unary``."""
+        return self._serve_stream(rpc, self._impls[rpc], raw, context)
+
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def set_engine(self, engine: Engine) -> None:

@@ -24,7 +24,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.api import CatalogItem, CatalogStore
@@ -179,38 +179,70 @@ class StateStore:
                 (item_id,),
             )
 
+    def last_edit_seq(self) -> int:
+        """Sequence number of the latest catalog edit (0 before any)."""
+        with self._lock:
+            (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM catalog_edits").fetchone()
+        return int(seq)
+
+    def catalog_edits(self, after_seq: int = 0) -> list[CatalogEdit]:
+        """The items whose latest edit came after ``after_seq``, in edit order (their final states)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, item_id, deleted, meta, available, image FROM catalog_edits WHERE seq > ? ORDER BY seq",
+                (after_seq,),
+            ).fetchall()
+        return [CatalogEdit(seq=int(seq), item_id=item_id, deleted=bool(deleted), meta=meta,
+                            available=bool(available), image=bytes(image) if image is not None else None)
+                for seq, item_id, deleted, meta, available, image in rows]
+
     def replay_catalog(self, catalog: CatalogStore) -> int:
         """Apply the persisted edits to a freshly loaded catalog; returns how many were applied.
 
         An edit the catalog rejects (e.g. an image over a lowered limit) is logged and skipped.
         """
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT item_id, deleted, meta, available, image FROM catalog_edits ORDER BY seq"
-            ).fetchall()
-        started, applied = time.monotonic(), 0
-        for item_id, deleted, meta, available, image in rows:
-            try:
-                if deleted:
-                    try:
-                        catalog.delete(item_id)
-                    except NotFound:
-                        pass  # already absent from these artifacts
-                else:
-                    try:
-                        current = catalog.get(item_id)
-                        token = current.token
-                        has_image = current.has_image or image is not None
-                    except NotFound:
-                        token, has_image = -1, image is not None
-                    catalog.upsert(
-                        CatalogItem(item_id=item_id, meta=ItemMeta(**json.loads(meta)), available=bool(available),
-                                    token=token, has_image=has_image),
-                        bytes(image) if image is not None else None,
-                    )
-                applied += 1
-            except RuntimeError_ as exc:
-                logger.warning("skipped a stored catalog edit of %r: %s", item_id, exc)
-        if rows:
-            logger.info("replayed %d of %d catalog edits in %.3fs", applied, len(rows), time.monotonic() - started)
-        return applied
+        return apply_catalog_edits(catalog, self.catalog_edits())
+
+
+@dataclass(frozen=True)
+class CatalogEdit:
+    """One row of the catalog edit journal: an item's final state after its latest edit, or a tombstone."""
+
+    seq: int
+    item_id: str
+    deleted: bool
+    meta: str
+    """JSON ItemMeta."""
+    available: bool
+    image: bytes | None
+
+
+def apply_catalog_edits(catalog: CatalogStore, edits: list[CatalogEdit]) -> int:
+    """Apply journal rows (in their order) to a catalog; returns how many were applied (see replay_catalog)."""
+    started, applied = time.monotonic(), 0
+    for edit in edits:
+        item_id = edit.item_id
+        try:
+            if edit.deleted:
+                try:
+                    catalog.delete(item_id)
+                except NotFound:
+                    pass  # already absent from these artifacts
+            else:
+                try:
+                    current = catalog.get(item_id)
+                    token = current.token
+                    has_image = current.has_image or edit.image is not None
+                except NotFound:
+                    token, has_image = -1, edit.image is not None
+                catalog.upsert(
+                    CatalogItem(item_id=item_id, meta=ItemMeta(**json.loads(edit.meta)), available=edit.available,
+                                token=token, has_image=has_image),
+                    edit.image,
+                )
+            applied += 1
+        except RuntimeError_ as exc:
+            logger.warning("skipped a stored catalog edit of %r: %s", item_id, exc)
+    if edits:
+        logger.info("replayed %d of %d catalog edits in %.3fs", applied, len(edits), time.monotonic() - started)
+    return applied

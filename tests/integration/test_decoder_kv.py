@@ -1,4 +1,7 @@
-"""Decoder contract: ONNX decoding with the KV cache equals full recompute in PyTorch, token for token."""
+"""Decoder contract: ONNX decoding with the KV cache equals full recompute in PyTorch, token for token.
+
+The runner tests use the concat layout (DecoderRunner); the inplace layout's core is held to the same
+full-recompute reference at the end (its layouts are also compared in test_kv_layouts.py)."""
 
 from __future__ import annotations
 
@@ -17,11 +20,12 @@ STEPS = 32
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_artifacts: Path) -> DecoderRunner:
-    m = load_manifest(tiny_artifacts)
+def runner(tiny_concat_artifacts: Path) -> DecoderRunner:
+    m = load_manifest(tiny_concat_artifacts)
+    assert m.decoder.kv_layout == "concat"
     cfg = BackendConfig(intra_op_threads=1)
-    return DecoderRunner(open_session(tiny_artifacts / m.graphs["decoder"].file, cfg),
-                         open_session(tiny_artifacts / m.graphs["media_kv"].file, cfg), m)
+    return DecoderRunner(open_session(tiny_concat_artifacts / m.graphs["decoder"].file, cfg),
+                         open_session(tiny_concat_artifacts / m.graphs["media_kv"].file, cfg), m)
 
 
 def _latents(ref, n_images: int, seed: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -153,3 +157,32 @@ def test_step_batches_states_with_different_lengths(runner: DecoderRunner, tiny_
     np.testing.assert_allclose(joint_a, sep_a, atol=1e-4, rtol=1e-3)
     np.testing.assert_allclose(joint_b, sep_b, atol=1e-4, rtol=1e-3)
     assert states[0].length == sa.length + 1 and states[1].length == sb.length + 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inplace_greedy_equals_full_recompute(tiny_artifacts: Path, tiny_reference, batch: int) -> None:  # type: ignore[no-untyped-def]
+    """The inplace core: each prompt prefilled into its own pool row (different lengths, 0-3 images), then
+    all rows advanced together, one call per token."""
+    from runtime.decoder.core import InplaceCore, PrefillInput
+
+    m = load_manifest(tiny_artifacts)
+    assert m.decoder.kv_layout == "inplace"
+    cfg = BackendConfig(intra_op_threads=1)
+    core = InplaceCore(open_session(tiny_artifacts / m.graphs["decoder"].file, cfg),
+                       open_session(tiny_artifacts / m.graphs["media_kv"].file, cfg), m, slots=4, max_context=80)
+    specs = [(2, 21, 3), (0, 9, 0), (3, 30, 0)][:batch]
+    prompts = [_prompt(tiny_reference, n, length, seed=i, text_first=tf) for i, (n, length, tf) in enumerate(specs)]
+    latents = [_latents(tiny_reference, n, seed=10 + i) for i, (n, _, _) in enumerate(specs)]
+    expected = _reference_greedy(tiny_reference, prompts, latents)
+    seqs = [core.open() for _ in prompts]
+    logits = [core.prefill(s, PrefillInput(p, core.media_kv(lat.numpy()))).logits[None]
+              for s, p, lat in zip(seqs, prompts, latents)]
+    out = []
+    for _ in range(STEPS):
+        nxt = [_ban(lg, core.image_id).argmax(-1) for lg in logits]
+        out.append(np.concatenate(nxt))
+        logits = core.step(seqs, nxt)
+    for s in seqs:
+        core.release(s)
+    np.testing.assert_array_equal(np.stack(out, axis=1), expected)
+    assert core.pool.used == 0 and core.copy_bytes()["step"] == 0

@@ -230,3 +230,21 @@ def test_pool_fork_and_compaction() -> None:
     assert sorted(k[s, 0, 0, 0] for s in b.slots) == [12, 13] and pool.copied["leave"] > 0
     pool.detach(b)
     assert pool.used == 0 and pool.kv_bytes_in_use() == 0
+
+
+def test_copy_counter_has_every_cause_from_startup(tiny_artifacts: Path, tmp_path: Path) -> None:
+    """unimp_decode_kv_copy_bytes_total{cause} exposes every cause before any request."""
+    from prometheus_client import CollectorRegistry
+
+    from runtime.server.metrics import _EngineStatsCollector
+
+    rt = _open(tiny_artifacts, tmp_path)
+    try:
+        registry = CollectorRegistry()
+        registry.register(_EngineStatsCollector(rt.stats))
+        for cause in ("join", "prefix", "fork", "leave", "step"):
+            assert registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": cause}) == 0.0
+        assert registry.get_sample_value("unimp_decode_kv_pool_bytes") == rt.decoder.pool_bytes > 0
+        assert registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
+    finally:
+        rt.close()

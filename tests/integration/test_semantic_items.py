@@ -18,6 +18,7 @@ from runtime.decoding.itemslice import log_softmax64
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.manifest import ManifestError, load_manifest, sha256_file
 from runtime.prompts import encode, recommendation_prompt, search_prompt
+from runtime.tasks import recommend as recommend_task
 from runtime.types import (
     BeamOptions,
     DecodeMode,
@@ -190,7 +191,7 @@ def test_fast_mode_top_k_is_bounded_by_the_beam_limit(rt: Runtime) -> None:
 def test_paper_beam_mode_maps_exact_admissible_spellings_back(rt: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     t = rt.manifest.tokens
     spell = rt.catalog.semantic.spellings(t)  # type: ignore[union-attr]
-    ws = list(rt._answer_prefix)
+    ws = list(rt.answer_prefix)
     row_ok, row_hist = 5, rt.catalog.token_of(HISTORY[0])
     seqs = [
         [*ws, *spell[row_hist], t.eos],  # a valid id, but in the history
@@ -204,7 +205,7 @@ def test_paper_beam_mode_maps_exact_admissible_spellings_back(rt: Runtime, monke
     tokens = np.array([s + [t.pad] * (width - len(s)) for s in seqs], np.int64)
     fake = BeamResult(tokens, np.linspace(-1, -6, len(seqs)).astype(np.float32),
                       np.array([len(s) for s in seqs], np.int64), steps=width)
-    monkeypatch.setattr(rt, "_run_beams", lambda *a, **k: fake)
+    monkeypatch.setattr(recommend_task, "_run_beams", lambda *a, **k: fake)
     out = rt.recommend(RecommendRequest(_history(), top_k=6, mode=DecodeMode.BEAM,
                                         beam=BeamOptions(num_beams=6, num_return_sequences=6)))
     assert [i.item_id for i in out.items] == [rt.catalog.by_token(row_ok).item_id,  # type: ignore[union-attr]
@@ -241,7 +242,7 @@ def _exhaustive(rt: Runtime, rows: np.ndarray, query: str | None = None) -> dict
 
     scores = {}
     for row in rows.tolist():
-        answer = [*rt._answer_prefix, *spell[row].tolist(), t.eos]
+        answer = [*rt.answer_prefix, *spell[row].tolist(), t.eos]
         scores[row] = float(sum(logprobs(tuple(answer[:j]))[tok] for j, tok in enumerate(answer)))
     return scores
 
@@ -312,7 +313,7 @@ def _greedy_row(rt: Runtime, pool: tuple[str, ...], exhaustive: dict[int, float]
     prompt = recommendation_prompt(history)
     ids = encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids
     memory, _ = rt.media.memory_for(prompt.images)
-    prefix = list(rt._answer_prefix)
+    prefix = list(rt.answer_prefix)
     depth = 0
     while len(rows) > 1:
         logits = rt.decoder.prefill_batch([PrefillRow(np.concatenate([ids, np.array(prefix, np.int64)]), memory)])

@@ -14,10 +14,10 @@ from PIL import Image
 from runtime.api import ImageProgress, ImageRequest, ImageResult
 from runtime.client import RpcError, UnimpClient
 from runtime.engine import Runtime, RuntimeConfig
-from runtime.image_task import code_slice_mask
 from runtime.prompts import encode, image_generation_prompt
 from runtime.server.app import ServerThread
 from runtime.server.config import ServerConfig
+from runtime.tasks.image import code_slice_mask
 from runtime.types import HistoryItem, ImageModel, InvalidRequest, Unavailable
 from runtime.vqgan import default_codes_dir
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from runtime.api import CatalogItem
-from runtime.backends.base import BackendConfig, open_session
+from runtime.backends import BackendConfig, open_session
 from runtime.catalog import Catalog
 from runtime.manifest import Manifest, load_manifest
 from runtime.types import InvalidRequest, ItemMeta, NotFound

@@ -31,10 +31,10 @@ from runtime.prompts import (
     render_meta,
     sanitize,
 )
+from runtime.tasks.context import TaskContext
 from runtime.types import CancelToken, ImageModel, InvalidRequest, Unavailable, check_cancel
 
 if TYPE_CHECKING:
-    from runtime.engine import Runtime
     from runtime.vqgan import VQGANCodec
 
 PROMPT_TOKENS = 16
@@ -59,7 +59,7 @@ def style_summary(history: tuple[ResolvedItem, ...]) -> str:
     return ", ".join(parts)
 
 
-def write_prompt(rt: Runtime, history: tuple[ResolvedItem, ...], query: str, cancel: CancelToken | None) -> str:
+def write_prompt(rt: TaskContext, history: tuple[ResolvedItem, ...], query: str, cancel: CancelToken | None) -> str:
     """Greedy-decode a short description with the LLM and combine it with the query and the history's style."""
     text = personalised_prompt_text(history, query)
     images = tuple(i for i in history if i.has_image)  # one per <image> in the text, in order
@@ -74,7 +74,7 @@ def write_prompt(rt: Runtime, history: tuple[ResolvedItem, ...], query: str, can
     return ", ".join(p for p in (query, style_summary(history), written) if p)
 
 
-def generate_image(rt: Runtime, pipeline: DiffusionPipeline, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
+def generate_image(rt: TaskContext, pipeline: DiffusionPipeline, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
     scheduler = require_image_scheduler(request.scheduler)
     query = sanitize(request.query)
     if not query:
@@ -139,7 +139,7 @@ def code_slice_mask(start: int, count: int):  # type: ignore[no-untyped-def]
     return mask
 
 
-def history_codes(rt: Runtime, codec: VQGANCodec, items: tuple[ResolvedItem, ...]) -> list[list[int]]:
+def history_codes(rt: TaskContext, codec: VQGANCodec, items: tuple[ResolvedItem, ...]) -> list[list[int]]:
     """Codes of each item's image: the catalog's from the codes cache, inline ones encoded now."""
     out: list[list[int]] = [[] for _ in items]
     catalog = [k for k, i in enumerate(items) if not i.image]
@@ -161,7 +161,7 @@ def check_code_sampling(temperature: float, top_p: float) -> None:
         raise InvalidRequest(f"top_p: must be in (0, 1], got {top_p}", field="top_p")
 
 
-def generate_image_codes(rt: Runtime, codec: VQGANCodec, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
+def generate_image_codes(rt: TaskContext, codec: VQGANCodec, request: ImageRequest) -> Iterator[ImageProgress | ImageResult]:
     """The VQGAN path (see the module docstring): progress per code row, then the PNG."""
     query = sanitize(request.query)
     if not query:
