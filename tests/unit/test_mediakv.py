@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from runtime.api import CatalogItem
-from runtime.backends.base import BackendConfig, open_session
+from runtime.backends import BackendConfig, open_session
 from runtime.catalog import Catalog
 from runtime.manifest import Manifest, load_manifest
 from runtime.mediakv import (
@@ -245,6 +245,10 @@ def test_background_encoder_fills_while_requests_use_first_use_entries(
     assert s.latents.pending == KEEP - 1 and encoder.batches == 0
     requests.clear()
     assert encoder.wait_idle(60) and encoder.error is None
+    deadline = time.monotonic() + 10  # the last batch is counted just after its rows land
+    while encoder.batches < 6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.1)
     assert encoder.batches == 6  # 5 pending items per store, 2 per background batch
     assert s.latents.encoded == KEEP and s.store.encoded == KEEP
     catalog.upsert(CatalogItem("NEW-1", ItemMeta(title="fresh")), image=_png(3))  # wakes the encoder
