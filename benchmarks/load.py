@@ -5,8 +5,8 @@ machine. Every loop is bounded both in requests and in seconds.
 
 1. **Startup** on a tiny artifacts directory (``ctx.artifacts`` when it is the tiny demo, else a tiny
    demo this section exports into a temporary directory): seconds from ``Popen`` to health SERVING,
-   for a first start as after a fresh export (cold: every catalog image is encoded and ONNX Runtime
-   optimises and saves each graph) and for restarts that find those caches (warm: the steady-state
+   for a first start as after a fresh export (cold: ONNX Runtime optimises and saves each graph; the
+   catalog images are encoded in the background after SERVING) and for restarts that find those caches (warm: the steady-state
    redeploy, which is what the 3 s target is about). The starts run on a "shadow" directory of symlinks
    so that the artifacts are never written.
 2. **Load sweep** on ``ctx.artifacts`` (a tiny one through the startup's shadow, anything larger in
@@ -57,6 +57,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.context import BenchContext
 from runtime.client import RpcError, UnimpClient
+from runtime.mediakv import encode_catalog
 from runtime.types import HistoryItem, PreferenceResult, SamplingOptions, TextPiece
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ class ServerProcess:
 
     def startup_phases(self) -> dict[str, Any]:
         """From the log: when the gRPC port listened and the engine loaded, and whether the latent cache
-        was cold (catalog images encoded at start) or warm."""
+        was cold (catalog images left to encode in the background after SERVING) or warm."""
         listening = loaded = None
         cache = "unknown"
         encoded = 0
@@ -239,12 +240,12 @@ class ServerProcess:
                 listening = _log_epoch(str(record["ts"]))
             elif msg.startswith("engine loaded") and loaded is None:
                 loaded = _log_epoch(str(record["ts"]))
-            elif msg.startswith("encoding ") and "catalog images" in msg:
+            elif msg.startswith("latents cache") and (found := re.search(r"(\d+) catalog images to encode", msg)):
                 cache = "cold"
-                encoded = int(msg.split()[1])
-            elif msg.startswith("latent cache") and "catalog images cached" in msg and cache == "unknown":
+                encoded = int(found.group(1))
+            elif msg.startswith("latents cache") and "catalog images cached" in msg and cache == "unknown":
                 cache = "warm"
-        phases: dict[str, Any] = {"latent_cache": cache, "images_encoded": encoded}
+        phases: dict[str, Any] = {"latent_cache": cache, "images_pending": encoded}
         if listening is not None:
             phases["to_listening_s"] = round(listening - self.started_wall, 3)
             if loaded is not None:
@@ -668,6 +669,9 @@ def measure_startup(tiny: Path, workdir: Path, settings: LoadSettings) -> dict[s
         for name in RUNTIME_CACHES:
             shutil.rmtree(shadow / name, ignore_errors=True)
         cold.append(one_start(shadow, state, workdir / f"cold-{k}.log", settings))
+    # what a kiosk ships with (`unimp catalog encode`): the warm starts, and the load sweep served from
+    # this shadow, have no catalog image left to encode in the background
+    encode_catalog(shadow, progress=False)
     for k in range(settings.startup_repeats):
         warm.append(one_start(shadow, state, workdir / f"warm-{k}.log", settings))
     return {
@@ -759,6 +763,8 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         # artifacts stay untouched); anything larger is served in place, so that the minutes-long encoding of
         # its catalog happens once and later runs (and deployments) reuse the cache
         served = workdir / "startup" / "shadow" if tiny == ctx.artifacts else ctx.artifacts
+        if served == ctx.artifacts:
+            encode_catalog(served, progress=not ctx.quick)  # no background encoding during the sweep
         result["served"] = {"artifacts": str(ctx.artifacts), "via_shadow": served != ctx.artifacts}
         server = ServerProcess(served, workdir / "state", workdir / "server.log")
         server.start()
@@ -877,10 +883,10 @@ def render_markdown(r: dict[str, Any], h: str) -> str:
     out = [f"{h} Serving under load", ""]
     rows = [[kind, st[kind]["median_s"], len(st[kind]["starts"]),
              st[kind]["starts"][0].get("to_listening_s"), st[kind]["starts"][0].get("engine_load_s"),
-             st[kind]["starts"][0].get("images_encoded")] for kind in ("cold", "warm")]
-    out += [f"Start to SERVING, tiny demo ({st.get('source')}); cold = fresh export (catalog latents and "
-            "optimised graphs built), warm = restart:", "",
-            _table(["start", "median s", "starts", "to listening s", "engine load s", "images encoded"], rows)]
+             st[kind]["starts"][0].get("images_pending")] for kind in ("cold", "warm")]
+    out += [f"Start to SERVING, tiny demo ({st.get('source')}); cold = fresh export (optimised graphs built; "
+            "the catalog's images are pending at SERVING and encoded in the background), warm = restart:", "",
+            _table(["start", "median s", "starts", "to listening s", "engine load s", "images pending"], rows)]
     a = r.get("artifacts_start", {})
     out += ["", f"Served artifacts `{r['served']['artifacts']}`: SERVING after {_cell(a.get('serving_s'))} s "
             f"(latent cache {a.get('latent_cache')}).", ""]

@@ -189,9 +189,9 @@ def render_tasks(r: dict[str, Any], h: str) -> str:
                       "wall"], rows))
     n = r.get("explain_new_tokens")
     out.append("")
-    out.append(f"Explain decodes {n} new tokens greedily after the rating. Vision = catalog latent lookup "
-               "(precomputed); prefill includes the per-image cross-attention K/V; TTFT = first streamed text "
-               "(recommendation, search and selection answer from the prefill logits).")
+    out.append(f"Explain decodes {n} new tokens greedily after the rating. Vision = the images' cross-attention "
+               "K/V (catalog images from the precomputed store, inline images encoded now); TTFT = first streamed "
+               "text (recommendation, search and selection answer from the prefill logits).")
     pc = r.get("prefix_cache", {})
     if pc:
         tok = pc.get("explain_prompt_tokens", {})
@@ -202,7 +202,7 @@ def render_tasks(r: dict[str, Any], h: str) -> str:
                        for k, v in pc.get("per_task_ratio", {}).items()]),
                 "", f"Explain prompt: {tok.get('prompt')} tokens, of which {tok.get('prefix')} are the cached "
                 f"history prefix and {tok.get('suffix')} (target item and question) are prefilled on a hit. "
-                f"Every request, hit or miss, also computes the cross-attention K/V of its "
+                f"Every request, hit or miss, also reads the stored cross-attention K/V of its "
                 f"{pc.get('media_kv_images')} images: {ms(pc.get('media_kv_s'))} ms."]
     img = r.get("inline_image", {})
     if img:

@@ -1,4 +1,4 @@
-"""The ``unimp`` command: export, validate, serve, client, eval, bench.
+"""The ``unimp`` command: export, validate, catalog encode, serve, client, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -58,6 +58,33 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _catalog_encode(args: argparse.Namespace) -> int:
+    from runtime.manifest import ManifestError
+    from runtime.mediakv import encode_catalog
+
+    if args.batch is not None and args.batch < 1:
+        print(f"error: --batch: must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    if args.threads < 0:
+        print(f"error: --threads: must be >= 0, got {args.threads}", file=sys.stderr)
+        return 2
+    try:
+        reports = encode_catalog(args.artifacts, args.cache_dir, batch=args.batch, provider=args.provider,
+                                 threads=args.threads, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print("interrupted: what was encoded so far is kept; run the same command again to continue",
+              file=sys.stderr)
+        return 130
+    except (ManifestError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for r in reports:
+        skipped = f", {r.skipped} skipped (see the log)" if r.skipped else ""
+        print(f"{r.kind:<12} {r.directory}: wrote {r.encoded_now}{skipped}; {r.items} items, {r.pending} pending; "
+              f"{r.bytes_per_item / 2**10:.1f} KiB per item, {r.disk_bytes / 2**20:.1f} MiB on disk")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifacts", type=Path, help="artifacts directory written by `unimp export`")
     p.add_argument("--checkpoint", type=Path, default=None, help="source checkpoint (default: the one in the manifest)")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("catalog", help="catalog stores: precompute what the server would encode")
+    catalog_sub = p.add_subparsers(dest="catalog_command", required=True, metavar="COMMAND")
+    p = catalog_sub.add_parser(
+        "encode", help="precompute the catalog's media latents and cross-attention K/V (batched, resumable)",
+        description="Encode every catalog image of ART into the memory-mapped stores that `unimp serve` reads: "
+                    "media latents, cross-attention K/V per image (and VQGAN codes when ART has the VQGAN graphs). "
+                    "Items already encoded are skipped, so an interrupted run continues where it stopped; a "
+                    "server started on the result has nothing left to encode. Without it the server encodes "
+                    "missing items in the background while serving.")
+    p.add_argument("artifacts", type=Path, metavar="ART", help="artifacts directory written by `unimp export`")
+    p.add_argument("--batch", type=int, default=None, metavar="N",
+                   help="images per graph call (default: the largest batch the vision graph was exported for)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu",
+                   help="ONNX Runtime execution provider (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="intra-op threads (default: 0, ONNX Runtime's choice: all physical cores)")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="latent store directory (default: ART/.cache/latents, where `unimp serve` looks); the "
+                        "K/V store is DIR-media-kv beside it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_catalog_encode)
 
     try:
         from runtime.server.cli_commands import (

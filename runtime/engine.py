@@ -31,6 +31,7 @@ from runtime.decoder.kv_cache import PrefixCache, prefix_key
 from runtime.decoding.trie import TokenTrie
 from runtime.limits import Limits
 from runtime.manifest import Manifest, load_manifest
+from runtime.mediakv import BackgroundEncoder, MediaKVEncoder, MediaKVStore, MediaMemory, default_kv_dir
 from runtime.prompts import (
     EncodedPrompt,
     Prompt,
@@ -58,7 +59,7 @@ from runtime.types import (
     TextPiece,
     check_cancel,
 )
-from runtime.vision import LatentStore, VisionEncoder, preprocess
+from runtime.vision import ItemStore, LatentStore, VisionEncoder
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,11 @@ class RuntimeConfig:
     state_dir: Path | None = None
     """Where catalog edits persist (SQLite); None keeps them in memory."""
     latent_cache_dir: Path | None = None
-    """Memory-mapped catalog latents; None: <artifacts>/.cache/latents."""
+    """Memory-mapped catalog latents; None: <artifacts>/.cache/latents. The cross-attention K/V sit beside
+    them in <dir>-media-kv (and VQGAN codes in <dir>-vqgan-codes); ``unimp catalog encode`` fills all."""
+    background_encode: bool = True
+    """Encode catalog images missing from those stores in a background thread after start-up (False: only
+    when a request first needs one). Start-up never waits for them either way."""
     prefix_cache_bytes: int = 256 << 20
     """Byte budget of the prompt-prefix KV cache (LRU)."""
     max_active: int = 8
@@ -183,7 +188,11 @@ class Runtime:
         self.decoder = _open_core(root, manifest, config)
         self._catalog = Catalog(root, manifest, state_dir=config.state_dir)
         cache_dir = config.latent_cache_dir or root / ".cache" / "latents"
-        self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, progress=config.progress)
+        self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, fill=False)
+        kv = MediaKVEncoder(open_session(root / graphs["media_kv"].file, backend), manifest)
+        self.media_kv = MediaKVStore.open(default_kv_dir(cache_dir), self.latents, kv, self._catalog, fill=False)
+        self.media = MediaMemory(self.vision, kv, self.media_kv)
+        stores: list[ItemStore] = [self.latents, self.media_kv]
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
         self.batcher = Batcher(self.decoder, config.max_active, config.max_queued, rows=_pool_rows(manifest, config))
         self._vqgan = None
@@ -194,7 +203,12 @@ class Runtime:
             self._vqgan = VQGANCodec(open_session(root / graphs["vqgan_encoder"].file, backend),
                                      open_session(root / graphs["vqgan_decoder"].file, backend), manifest)
             self.codes = CodeStore.open(default_codes_dir(cache_dir), self._catalog, CodeEncoder(self._vqgan), manifest,
-                                        progress=config.progress, fingerprint=self._vqgan.fingerprint)
+                                        fingerprint=self._vqgan.fingerprint, fill=False)
+            stores.append(self.codes)
+        self.catalog_encoder = BackgroundEncoder(stores, busy=self.media.recently_used)
+        """Encodes the stores' pending catalog images while serving (see ``background_encode``)."""
+        if config.background_encode:
+            self.catalog_encoder.start()
         self._diffusion = None
         if "unet" in graphs:
             from runtime.diffusion.pipeline import DiffusionPipeline
@@ -227,10 +241,11 @@ class Runtime:
         return self._catalog
 
     def close(self) -> None:
-        """Stop decoding, persist latents computed since start-up, close the catalog."""
+        """Stop decoding and the background encoder, persist entries computed since start-up, close the catalog."""
         self.batcher.close()
-        self.latents.flush()
+        self.catalog_encoder.close()
         self.latents.close()
+        self.media_kv.close()
         if self.codes is not None:
             self.codes.close()
         self._catalog.close()
@@ -257,7 +272,19 @@ class Runtime:
             "active_sequences": float(self.batcher.active),
             "decode_steps": float(self.batcher.steps),
             "decode_rows": float(self.batcher.batched_rows),
+            **self.catalog_stats(),
         }
+
+    def catalog_stats(self) -> dict[str, float]:
+        """Per store (latents, media_kv, vqgan codes): catalog images encoded, pending, and encoded on first use,
+        as ``catalog_encoded.<store>``, ``catalog_pending.<store>``, ``catalog_on_demand.<store>``."""
+        out = {}
+        for store in self.catalog_encoder.stores:
+            s = store.stats()
+            out[f"catalog_encoded.{store.KIND}"] = s["items"]
+            out[f"catalog_pending.{store.KIND}"] = s["pending"]
+            out[f"catalog_on_demand.{store.KIND}"] = s["encoded_on_demand"]
+        return out
 
     # -- request plumbing -------------------------------------------------------------------------------
     def resolve(self, items: tuple[HistoryItem, ...], name: str = "history") -> tuple[ResolvedItem, ...]:
@@ -281,21 +308,6 @@ class Runtime:
         return ResolvedItem(meta or ItemMeta(), item.item_id, token, item.image, item.rating, item.explanation,
                             has_image, self._catalog.semantic_codes(token))
 
-    def _media_latents(self, images: tuple[ResolvedItem, ...]) -> tuple[np.ndarray, float]:
-        """(M, n, Dv) latents in prompt order: catalog latents from the store, inline images encoded now."""
-        t0 = time.perf_counter()
-        n, dv = self.manifest.vision.num_latents, self.manifest.vision.width
-        out = np.zeros((len(images), n, dv), np.float32)
-        catalog_rows = [i for i, it in enumerate(images) if not it.image]
-        inline_rows = [i for i, it in enumerate(images) if it.image]
-        if catalog_rows:
-            out[catalog_rows] = self.latents.get([images[i].item_id for i in catalog_rows])
-        if inline_rows:
-            v = self.manifest.vision
-            pixels = preprocess([images[i].image for i in inline_rows], v.image_size, v.mean, v.std)
-            out[inline_rows] = self.vision.encode(pixels)
-        return out, time.perf_counter() - t0
-
     def admit(self, cancel: CancelToken | None = None, rows: int = 1) -> AbstractContextManager[Generator]:
         """A decode ``Generator`` with ``rows`` KV rows (beams) reserved (context manager; Overloaded when the
         queue is full). Tasks that only need the prompt's logits do not take one."""
@@ -318,10 +330,9 @@ class Runtime:
                 f"(the model has {self.manifest.decoder.max_positions} positions)",
                 field="history",
             )
-        latents, vision_s = self._media_latents(prompt.images)
+        memory, vision_s = self.media.memory_for(prompt.images)
         check_cancel(cancel)
         t0 = time.perf_counter()
-        memory = self.decoder.media_kv(latents)
         entry, key, owner = None, "", None
         if enc.prefix_len:
             key = prefix_key(tenant, enc.ids[: enc.prefix_len], [it.image_key for it in prompt.images[: prompt.prefix_images]])

@@ -6,7 +6,7 @@
 mapped to [-1, 1]; decoded pixels go back to 8-bit with ``round(255 * clip(x / 2 + 0.5, 0, 1))``.
 
 ``CodeStore`` is a ``LatentStore`` over ``CodeEncoder``: every catalog image's codes are computed once
-(at start-up for the whole catalog, then for edited items), memory-mapped from ``codes-*.npy`` shards
+(by ``unimp catalog encode``, or in the background after start-up, or on first use), memory-mapped from ``codes-*.npy`` shards
 beside the latents, fingerprinted by the encoder graph, and invalidated with the catalog image.
 """
 
@@ -172,6 +172,7 @@ class CodeStore(LatentStore):
     """Every catalog image's VQGAN codes, memory-mapped (``codes-*.npy`` shards); see LatentStore."""
 
     SHARD_PREFIX = "codes-"
+    KIND = "vqgan_codes"
 
 
 def default_codes_dir(latent_dir: Path) -> Path:

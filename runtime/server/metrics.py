@@ -4,7 +4,8 @@ Per RPC: request counts by status code, latency, time to first token and decode 
 engine's Timings, or measured on the Explain stream), cancellations by reason (client, deadline) and
 rejections by reason (overload: model slots full, overload_cheap: cheap-RPC slots full, cost: decode
 budget full, loading, failed, shutdown); requests and decode budget in flight. Engine state (queue depth, KV cache and prefix
-cache bytes, prefix-cache hits, misses and hit ratio) is read from ``engine.stats()`` at scrape time.
+cache bytes, prefix-cache hits, misses and hit ratio; catalog images encoded and pending per store) is
+read from ``engine.stats()`` at scrape time.
 
 Each server has its own registry, so several servers can live in one process (tests).
 """
@@ -71,6 +72,29 @@ class _EngineStatsCollector(Collector):
             total = float(hits) + float(misses)
             yield GaugeMetricFamily("unimp_prefix_cache_hit_ratio", "Prefix-cache hits / lookups since start",
                                     value=float(hits) / total if total else 0.0)
+        yield from _catalog_store_metrics(stats)
+
+
+_CATALOG_STORE_METRICS = {
+    "catalog_encoded.": (GaugeMetricFamily, "unimp_catalog_items_encoded",
+                         "Catalog images with a current entry in the store (latents, media_kv, vqgan_codes)"),
+    "catalog_pending.": (GaugeMetricFamily, "unimp_catalog_items_pending",
+                         "Catalog images the store has no entry for yet (encoded in the background or on first use)"),
+    "catalog_on_demand.": (CounterMetricFamily, "unimp_catalog_items_encoded_on_demand",
+                           "Pending catalog images a request encoded before the background encoder reached them"),
+}
+
+
+def _catalog_store_metrics(stats: dict[str, float]) -> Iterator[Metric]:
+    """``catalog_<what>.<store>`` engine stats as one family per <what>, labelled by store."""
+    for prefix, (family, name, doc) in _CATALOG_STORE_METRICS.items():
+        samples = {k[len(prefix):]: v for k, v in stats.items() if k.startswith(prefix)}
+        if not samples:
+            continue
+        metric = family(name, doc, labels=["store"])
+        for store, value in sorted(samples.items()):
+            metric.add_metric([store], float(value))
+        yield metric
 
 
 class ServerMetrics:

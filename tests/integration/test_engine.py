@@ -127,8 +127,7 @@ def _answer_logprobs(rt: Runtime, prompt, candidates: np.ndarray) -> tuple[float
 
     t = rt.manifest.tokens
     enc = encode(prompt, rt.tokenizer, t.endofchunk, t.image)
-    latents, _ = rt._media_latents(prompt.images)
-    memory = rt.decoder.media_kv(latents)
+    memory, _ = rt.media.memory_for(prompt.images)
     ws = rt.tokenizer.encode(" item_0", add_special_tokens=False).ids[:-1]
     assert [rt.tokenizer.id_to_token(i) for i in ws] == ["\u0120"]  # the demo's BPE: a whitespace token first
     logits0 = rt.decoder.prefill_batch([PrefillRow(enc.ids, memory)])
@@ -456,16 +455,20 @@ def test_bad_requests_name_the_field(rt: Runtime) -> None:
 
 
 def test_inline_image_is_encoded_at_request_time(rt: Runtime) -> None:
-    """Cached vs uncached: an inline copy of a catalog image is encoded now and equals the cached latents."""
+    """Cached vs uncached: an inline copy of a catalog image is encoded now and its cross-attention K/V
+    equal the catalog store's."""
     from runtime.prompts import ResolvedItem
 
     entry = rt.catalog.get(HISTORY[-1].item_id)
     cached = ResolvedItem(entry.meta, entry.item_id, entry.token)
     inline = ResolvedItem(entry.meta, image=rt.catalog.image(entry.item_id))
+    rt.media.memory_for((cached,))  # stored now if the background encoder has not reached it yet
     encoded_before = rt.vision.images_encoded
-    latents, _ = rt._media_latents((cached, inline))
+    memory, _ = rt.media.memory_for((cached, inline))
     assert rt.vision.images_encoded == encoded_before + 1
-    np.testing.assert_allclose(latents[1], latents[0], atol=1e-5, rtol=1e-6)
+    for k, v in memory:
+        for x in (k, v):
+            np.testing.assert_allclose(x[1], x[0], rtol=1e-5, atol=1e-5 * float(np.abs(x[0]).max()))
     got = rt.recommend(RecommendRequest((*HISTORY[:-1], HistoryItem(meta=entry.meta, image=inline.image)), top_k=5))
     assert len(got.items) == 5
 

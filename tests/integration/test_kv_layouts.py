@@ -75,8 +75,7 @@ def _greedy_tokens(rt: Runtime, req: PreferenceRequest, n: int) -> list[int]:
     t = rt.manifest.tokens
     prompt = encode(preference_prompt(rt.resolve(req.history), rt.resolve((req.target,), "target")[0],
                                       rt.config.max_history), rt.tokenizer, t.endofchunk, t.image)
-    latents, _ = rt._media_latents(prompt.prompt.images)
-    memory = rt.decoder.media_kv(latents)
+    memory, _ = rt.media.memory_for(prompt.prompt.images)
     ids = list(prompt.ids)
     logits = rt.decoder.prefill_batch([PrefillRow(np.array(ids), memory)])[0]
     rate = int(np.argmax(logits[t.rates])) + 1
@@ -123,8 +122,7 @@ def test_padded_batch_prefill_equals_single_rows(inplace: Runtime, concat: Runti
     for k, history in enumerate((RATED[:1], RATED, RATED[:2])):
         prompt = encode(preference_prompt(inplace.resolve(history), inplace.resolve((_target(k),), "target")[0]),
                         inplace.tokenizer, t.endofchunk, t.image)
-        latents, _ = inplace._media_latents(prompt.prompt.images)
-        rows.append(PrefillRow(prompt.ids, inplace.decoder.media_kv(latents)))
+        rows.append(PrefillRow(prompt.ids, inplace.media.memory_for(prompt.prompt.images)[0]))
     assert len({len(r.ids) for r in rows}) == 3
     for rt in (inplace, concat):
         batched = rt.decoder.prefill_batch(rows)

@@ -230,8 +230,7 @@ def _exhaustive(rt: Runtime, rows: np.ndarray, query: str | None = None) -> dict
     history = rt.resolve(_history())
     prompt = search_prompt(history, query) if query else recommendation_prompt(history)
     ids = encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids
-    latents, _ = rt._media_latents(prompt.images)
-    memory = rt.decoder.media_kv(latents)
+    memory, _ = rt.media.memory_for(prompt.images)
     spell = rt.catalog.semantic.spellings(t)  # type: ignore[union-attr]
     cache: dict[tuple[int, ...], np.ndarray] = {}
 
@@ -313,7 +312,7 @@ def _greedy_row(rt: Runtime, pool: tuple[str, ...], exhaustive: dict[int, float]
     history = rt.resolve(_history())
     prompt = recommendation_prompt(history)
     ids = encode(prompt, rt.tokenizer, t.endofchunk, t.image).ids
-    memory = rt.decoder.media_kv(rt._media_latents(prompt.images)[0])
+    memory, _ = rt.media.memory_for(prompt.images)
     prefix = list(rt.answer_prefix)
     depth = 0
     while len(rows) > 1:

@@ -28,6 +28,7 @@ HISTORY = ("P00003", "P00011", "P00017")
 def engine(tiny_artifacts_with_vqgan: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     cache = tmp_path_factory.mktemp("vq_cache") / "latents"
     rt = Runtime.open(tiny_artifacts_with_vqgan, RuntimeConfig(progress=False, latent_cache_dir=cache))
+    assert rt.catalog_encoder.wait_idle(600)  # every catalog image's codes, encoded in the background
     yield rt
     rt.close()
 

@@ -33,7 +33,7 @@ def test_load_section_quick(tiny_artifacts: Path, tmp_path: Path) -> None:
     startup = result["startup"]
     assert [s["latent_cache"] for s in startup["cold"]["starts"]] == ["cold"]
     assert [s["latent_cache"] for s in startup["warm"]["starts"]] == ["warm"]
-    assert startup["cold"]["starts"][0]["images_encoded"] == ctx.manifest["tokens"]["item_count"]
+    assert startup["cold"]["starts"][0]["images_pending"] == ctx.manifest["tokens"]["item_count"]
     assert startup["warm"]["median_s"] > 0
     # a tiny ctx.artifacts is served through a shadow directory: nothing is written into it
     assert result["served"]["via_shadow"] is True

@@ -163,6 +163,7 @@ def test_latent_store_is_built_once_and_memory_mapped(
     index = json.loads((tmp_path / "index.json").read_text())
     assert index["fingerprint"] == vision_fingerprint(manifest) and set(index["items"]) == set(_ids())
 
+    store.close()
     again = VisionEncoder(session, manifest)
     reopened = LatentStore.open(tmp_path, small_catalog, again, manifest, progress=False)
     assert again.images_encoded == 0 and again.calls == 0
@@ -175,7 +176,7 @@ def test_latent_store_is_built_once_and_memory_mapped(
 def test_vision_graph_change_invalidates_the_cache(
     tmp_path: Path, small_catalog: Catalog, manifest: Manifest, session: Any
 ) -> None:
-    LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest), manifest, progress=False)
+    LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest), manifest, progress=False).close()
     old_shards = set(tmp_path.glob("latents-*.npy"))
     entry = manifest.graphs["vision"]
     changed = replace(manifest, graphs={**manifest.graphs, "vision": replace(entry, sha256="0" * 64)})
@@ -212,7 +213,7 @@ def test_put_get_flush_and_image_changes(
     small_catalog.upsert(CatalogItem("NEW-3", ItemMeta(title="fresh")), image=_png(_random_image(30, 30, seed=3)))
     assert store.get(["NEW-3"]).shape == (1, n, d)
 
-    store.flush()
+    store.close()
     counter = VisionEncoder(session, manifest)
     reopened = LatentStore.open(tmp_path, small_catalog, counter, manifest, progress=False)
     assert counter.images_encoded == 0  # the overlay was persisted with the new images' digests
@@ -228,7 +229,7 @@ def test_stale_latents_are_re_encoded_on_open(
     tmp_path: Path, small_catalog: Catalog, manifest: Manifest, session: Any
 ) -> None:
     """An image edited while no store was listening (e.g. a crash before flush) is noticed by its digest."""
-    LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest), manifest, progress=False)
+    LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest), manifest, progress=False).close()
     small_catalog.upsert(small_catalog.get("P00004"), image=_png(_random_image(20, 20, seed=4)))
     encoder = VisionEncoder(session, manifest)
     LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
@@ -256,12 +257,56 @@ def test_flush_compacts_dead_rows_and_a_corrupt_index_is_rebuilt(
     store.flush()  # 8 dead rows > 2 live ones: rewritten into one 2-row shard
     shards = list(tmp_path.glob("latents-*.npy"))
     assert len(shards) == 1 and np.load(shards[0], mmap_mode="r").shape[0] == 2
+    store.close()
     encoder = VisionEncoder(session, manifest)
     reopened = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
     assert encoder.images_encoded == KEEP - 2
     np.testing.assert_array_equal(reopened.get(_ids()[:2]), kept)
+    reopened.close()
 
     (tmp_path / "index.json").write_text("{not json")
     encoder = VisionEncoder(session, manifest)
     LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
     assert encoder.images_encoded == KEEP
+
+
+def test_a_store_in_use_is_read_without_being_written(
+    tmp_path: Path, small_catalog: Catalog, manifest: Manifest, session: Any
+) -> None:
+    """A second store on a directory another one owns (a second server, a running `unimp catalog encode`)
+    reads what was committed and computes the rest in memory; only the owner writes."""
+    owner = LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest, max_batch=4), manifest,
+                             progress=False, fill=False)
+    assert owner.pending == KEEP and owner.encoded == 0
+    assert owner.fill_step() == 4 and owner.pending == KEEP - 4  # one batch of the encoder's max_batch
+    owner.commit()
+    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    encoder = VisionEncoder(session, manifest)
+    reader = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
+    assert reader.read_only and not owner.read_only
+    assert reader.encoded == 4 and reader.pending == KEEP - 4 and reader.fill_step() == 0
+    np.testing.assert_array_equal(reader.get(_ids()[:4]), owner.get(_ids()[:4]))
+    assert encoder.images_encoded == 0
+    reader.get(_ids())  # the rest is encoded on first use, in memory only
+    assert encoder.images_encoded == KEEP - 4 and reader.pending == 0
+    reader.close()
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files
+    owner.fill()
+    owner.close()
+    reopened = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False, fill=False)
+    assert not reopened.read_only and reopened.encoded == KEEP and reopened.pending == 0
+
+
+def test_fill_rolls_over_to_new_shards_sized_for_what_is_left(
+    tmp_path: Path, small_catalog: Catalog, manifest: Manifest, session: Any, tiny_artifacts: Path
+) -> None:
+    store = LatentStore.open(tmp_path, small_catalog, VisionEncoder(session, manifest, max_batch=3), manifest,
+                             progress=False, shard_items=4)
+    store.close()
+    assert sorted(np.load(p, mmap_mode="r").shape[0] for p in tmp_path.glob("latents-*.npy")) == [2, 4, 4]
+    encoder = VisionEncoder(session, manifest)
+    reopened = LatentStore.open(tmp_path, small_catalog, encoder, manifest, progress=False)
+    assert encoder.images_encoded == 0 and reopened.encoded == KEEP
+    expected = VisionEncoder(session, manifest).encode_images(_catalog_images(tiny_artifacts, KEEP))
+    np.testing.assert_allclose(reopened.get(_ids()), expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max()))
+    reopened.close()
