@@ -57,8 +57,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.context import BenchContext
 from runtime.client import RpcError, UnimpClient
-from runtime.mediakv import encode_catalog
 from runtime.types import HistoryItem, PreferenceResult, SamplingOptions, TextPiece
+from runtime.vision.catalog_encode import encode_catalog
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def _log_epoch(ts: str) -> float:
 
 
 class ServerProcess:
-    """One ``python -m runtime.cli serve`` child bound to loopback, with its log file."""
+    """One ``python -m unimp serve`` child bound to loopback, with its log file."""
 
     def __init__(self, artifacts: Path, state_dir: Path, log_path: Path, grace_s: float = 10.0) -> None:
         self.artifacts = artifacts
@@ -168,7 +168,7 @@ class ServerProcess:
         self.port = free_port()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "runtime.cli", "serve",
+            sys.executable, "-m", "unimp", "serve",
             "--artifacts", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
             "--state-dir", str(self.state_dir), "--metrics-port", "0", "--metrics-host", "127.0.0.1",
             "--shutdown-grace-s", str(self.grace_s), "--log-format", "json",

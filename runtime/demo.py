@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-wait", action="store_true", help="stop the server after the session")
     parser.add_argument("--log-level", default="WARNING", help="server log level (INFO shows one line per request)")
     args = parser.parse_args(argv)
-    cmd = [sys.executable, "-m", "runtime.cli", "serve", "--artifacts", str(args.artifacts),
+    cmd = [sys.executable, "-m", "unimp", "serve", "--artifacts", str(args.artifacts),
            "--host", args.host, "--port", str(args.port), "--state-dir", str(args.state_dir),
            "--log-level", args.log_level, "--log-format", "text"]
-    print("$", " ".join(cmd[2:]).replace("runtime.cli", "unimp"), flush=True)
+    print("$", " ".join(cmd[2:]), flush=True)
     proc = subprocess.Popen(cmd, env=os.environ.copy())
     try:
         with UnimpClient(f"{args.host}:{args.port}") as client:

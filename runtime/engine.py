@@ -31,7 +31,6 @@ from runtime.decoder.kv_cache import PrefixCache, prefix_key
 from runtime.decoding.trie import TokenTrie
 from runtime.limits import Limits
 from runtime.manifest import Manifest, load_manifest
-from runtime.mediakv import BackgroundEncoder, MediaKVEncoder, MediaKVStore, MediaMemory, default_kv_dir
 from runtime.prompts import (
     EncodedPrompt,
     Prompt,
@@ -60,6 +59,8 @@ from runtime.types import (
     check_cancel,
 )
 from runtime.vision import ItemStore, LatentStore, VisionEncoder
+from runtime.vision.catalog_encode import BackgroundEncoder
+from runtime.vision.media_kv import MediaKVEncoder, MediaKVStore, MediaMemory, default_kv_dir
 
 log = logging.getLogger(__name__)
 

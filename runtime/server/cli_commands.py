@@ -1,4 +1,4 @@
-"""The ``unimp serve`` and ``unimp client`` subcommands (argparse), called by ``runtime.cli``.
+"""The ``unimp serve`` and ``unimp client`` subcommands (argparse), called by ``unimp.cli``.
 
 ``serve`` flags are generated from ``runtime.server.config``: every config field has a flag
 (``limits.max_image_bytes`` -> ``--limits-max-image-bytes``, top-level fields without a prefix, the

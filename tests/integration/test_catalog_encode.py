@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from runtime.catalog import Catalog
-from runtime.cli import build_parser, main
+from unimp.cli import build_parser, main
 from runtime.client import UnimpClient
 from runtime.engine import Runtime, RuntimeConfig
-from runtime.mediakv import MediaKVStore
 from runtime.server.app import ServerThread
 from runtime.server.config import ServerConfig
 from runtime.types import HistoryItem
 from runtime.vision import LatentStore
+from runtime.vision.media_kv import MediaKVStore
 
 
 def _wait(predicate: Any, timeout: float = 30.0) -> bool:

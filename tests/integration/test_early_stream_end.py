@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    """`python -X faulthandler -m runtime.cli serve` on free gRPC and metrics ports."""
+    """`python -X faulthandler -m unimp serve` on free gRPC and metrics ports."""
 
     def __init__(self, artifacts: Path, workdir: Path, grace_s: float = 10.0) -> None:
         self.port, self.metrics_port = _free_port(), _free_port()
@@ -58,7 +58,7 @@ class ServerProcess:
         self.stderr_path = workdir / "server.stderr"
         self._stderr = self.stderr_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-X", "faulthandler", "-m", "runtime.cli", "serve", "--artifacts", str(artifacts),
+            [sys.executable, "-X", "faulthandler", "-m", "unimp", "serve", "--artifacts", str(artifacts),
              "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--state-dir",
              str(workdir / "state"), "--shutdown-grace-s", str(grace_s), "--log-level", "WARNING",
              "--log-format", "text"],

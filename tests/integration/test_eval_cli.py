@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.cli import main
+from unimp.cli import main
 from runtime.eval.metrics import KS
 from tests.integration.eval_fixtures import copy_artifacts, perturb_decoder, write_splits
 
@@ -118,7 +118,7 @@ def test_guard_fails_on_a_perturbed_decoder(tiny_artifacts: Path, shop: Path, tm
 def test_eval_never_imports_torch(tiny_artifacts: Path, shop: Path, tmp_path: Path) -> None:
     code = f"""
 import sys
-from runtime.cli import main
+from unimp.cli import main
 rc = main(["eval", {str(tiny_artifacts)!r}, "--data", {str(shop)!r}, "--quiet", "--threads", "1", "--limit", "1",
            "--explain-tokens", "4"])
 bad = [m for m in ("torch", "transformers", "diffusers") if m in sys.modules]

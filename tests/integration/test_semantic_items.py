@@ -328,7 +328,7 @@ def _greedy_row(rt: Runtime, pool: tuple[str, ...], exhaustive: dict[int, float]
 def test_export_cli_passes_semantic_ids_to_the_demo(tiny_semantic_artifacts: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import export.pipeline
-    from runtime.cli import main
+    from unimp.cli import main
 
     calls: list[dict[str, object]] = []
 

@@ -181,7 +181,7 @@ def test_cluster_options_and_exposure_checks() -> None:
 
 
 def test_cli_refuses_replicas_without_ray_engine(tmp_path: Path) -> None:
-    from runtime.cli import main
+    from unimp.cli import main
 
     assert main(["serve", "--artifacts", str(tmp_path), "--replicas", "2"]) == 2
     assert main(["serve", "--artifacts", str(tmp_path), "--engine", "ray", "--autoscale", "x"]) == 2

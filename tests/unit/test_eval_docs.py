@@ -7,7 +7,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from runtime.cli import build_parser
+from unimp.cli import build_parser
 from runtime.eval.guard import GuardThresholds
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -69,7 +69,7 @@ def test_missing_file_and_schema_version_are_refused(tiny_artifacts: Path, tmp_p
 
 
 def test_validate_reports_per_graph_errors_within_tolerance(tiny_artifacts: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.cli import main
+    from unimp.cli import main
 
     assert main(["validate", str(tiny_artifacts)]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -106,7 +106,7 @@ def test_validate_fails_on_a_graph_that_does_not_match(tiny_artifacts: Path, tmp
 
 
 def test_cli_spellings(capsys: pytest.CaptureFixture[str]) -> None:
-    from runtime.cli import build_parser
+    from unimp.cli import build_parser
 
     parser = build_parser()
     args = parser.parse_args(["export", "--demo", "tiny", "--out", "x"])

@@ -18,16 +18,16 @@ from runtime.api import CatalogItem
 from runtime.backends import BackendConfig, open_session
 from runtime.catalog import Catalog
 from runtime.manifest import Manifest, load_manifest
-from runtime.mediakv import (
-    BackgroundEncoder,
+from runtime.types import ItemMeta, NotFound
+from runtime.vision import LatentStore, VisionEncoder
+from runtime.vision.catalog_encode import BackgroundEncoder
+from runtime.vision.media_kv import (
     MediaKVEncoder,
     MediaKVStore,
     MediaMemory,
     default_kv_dir,
     media_kv_fingerprint,
 )
-from runtime.types import ItemMeta, NotFound
-from runtime.vision import LatentStore, VisionEncoder
 
 KEEP = 6  # catalog items kept (the rest are deleted to keep encoding fast)
 

@@ -60,7 +60,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _catalog_encode(args: argparse.Namespace) -> int:
     from runtime.manifest import ManifestError
-    from runtime.mediakv import encode_catalog
+    from runtime.vision.catalog_encode import encode_catalog
 
     if args.batch is not None and args.batch < 1:
         print(f"error: --batch: must be >= 1, got {args.batch}", file=sys.stderr)

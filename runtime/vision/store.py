@@ -1,18 +1,16 @@
-"""Images -> media latents: UniMP preprocessing, the vision graph, and persistent per-item stores.
+"""Persistent per-item stores of catalog images' encodings (``ItemStore``; ``LatentStore`` for latents).
 
-Catalog items are encoded once: ``LatentStore`` keeps their media latents in memory-mapped ``.npy``
-shards on disk, keyed by item id and by the digest of the item's image, and fingerprinted by the vision
-graph's sha256 so that a re-export invalidates the whole cache. Opening a store does not encode: what is
-missing is encoded ahead of time (``unimp catalog encode``), in the background while serving, or when a
-request first needs it (see ``ItemStore``). Only images that arrive with a request reach the encoder
-for every use.
+Catalog items are encoded once: a store keeps their arrays in memory-mapped ``.npy`` shards on disk,
+keyed by item id and by the digest of the item's image, and fingerprinted by what produced them (the
+vision graph's sha256 for latents) so that a re-export invalidates the whole store. Opening a store does
+not encode: what is missing is encoded ahead of time (``unimp catalog encode``), in the background while
+serving, or when a request first needs it. Only images that arrive with a request reach the encoder for
+every use.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import io
 import json
 import logging
 import os
@@ -26,140 +24,19 @@ from pathlib import Path
 from typing import IO, Protocol, Self
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from runtime.api import CatalogPage
-from runtime.backends.base import Session
-from runtime.manifest import Manifest, ManifestError
+from runtime.manifest import Manifest
 from runtime.types import InvalidRequest, NotFound
+from runtime.vision.encoder import vision_fingerprint
+from runtime.vision.preprocess import ImageInput
 
 log = logging.getLogger(__name__)
 
-ImageInput = bytes | Image.Image
 INDEX_NAME = "index.json"
 LOCK_NAME = "lock"
 INDEX_FORMAT = 1
-LATENT_DTYPE = np.float32
-
-
-# -- preprocessing ---------------------------------------------------------------------------------
-
-
-def decode_image(data: ImageInput) -> Image.Image:
-    """Decode encoded bytes (PNG, JPEG, ...) into an RGB image; bad bytes raise InvalidRequest(field="image")."""
-    if isinstance(data, Image.Image):
-        return data if data.mode == "RGB" else data.convert("RGB")
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise InvalidRequest(f"image must be encoded bytes or a PIL image, not {type(data).__name__}", field="image")
-    if len(data) == 0:
-        raise InvalidRequest("image is empty", field="image")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"image could not be decoded: {exc}", field="image") from exc
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt data inside a known format
-        raise InvalidRequest(f"image is corrupt or truncated: {exc}", field="image") from exc
-
-
-def preprocess_one(image: ImageInput, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """One image -> (3, size, size) float32; see ``preprocess``."""
-    rgb = decode_image(image)
-    # stretch to exactly size x size (no crop, aspect ratio not kept), as Resize((s, s), BICUBIC) does on PIL
-    resized = rgb.resize((size, size), Image.Resampling.BICUBIC)
-    x: np.ndarray = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (S, S, 3) in [0, 1]
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, S, S)
-
-
-def preprocess(
-    images: Sequence[ImageInput], size: int, mean: Sequence[float], std: Sequence[float]
-) -> np.ndarray:
-    """UniMP preprocessing: RGB, bicubic stretch-resize to ``size`` x ``size``, /255, CLIP normalisation.
-
-    Returns (N, 3, size, size) float32. Undecodable bytes raise InvalidRequest(field="image").
-    """
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)  # (N, 3, S, S)
-    for i, image in enumerate(images):
-        out[i] = preprocess_one(image, size, mean, std)
-    return out
-
-
-# -- encoder ---------------------------------------------------------------------------------------
-
-
-class VisionEncoder:
-    """The vision graph (CLIP patch tokens -> Perceiver resampler): pixels -> media latents.
-
-    Tensor names, sizes and normalisation come from the manifest. Thread-safe (the session is).
-    """
-
-    def __init__(self, session: Session, manifest: Manifest, max_batch: int | None = None) -> None:
-        names = manifest.names
-        if names.pixel_values not in session.input_names:
-            raise ManifestError(f"vision graph has no input {names.pixel_values!r} (has {session.input_names})")
-        if names.media_latents not in session.output_names:
-            raise ManifestError(f"vision graph has no output {names.media_latents!r} (has {session.output_names})")
-        self._session = session
-        self._input = names.pixel_values
-        self._output = names.media_latents
-        self.image_size = manifest.vision.image_size
-        self.num_latents = manifest.vision.num_latents
-        self.width = manifest.vision.width
-        self.mean = tuple(manifest.vision.mean)
-        self.std = tuple(manifest.vision.std)
-        entry = manifest.graphs.get("vision")
-        self._input_dtype = np.dtype(entry.input(self._input).dtype) if entry is not None else np.dtype(np.float32)
-        if max_batch is None:  # the largest batch the graph was profiled for, if any
-            profile = entry.profiles.get(self._input, {}) if entry is not None else {}
-            max_batch = int(profile["max"][0]) if "max" in profile else 16
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.max_batch = max_batch
-        self._lock = threading.Lock()
-        self.calls = 0
-        """Session runs so far."""
-        self.images_encoded = 0
-
-    @property
-    def item_shape(self) -> tuple[int, ...]:
-        """Shape of one image's output: (num_latents, width)."""
-        return (self.num_latents, self.width)
-
-    dtype = LATENT_DTYPE
-
-    def preprocess_one(self, image: ImageInput) -> np.ndarray:
-        """One image -> (3, S, S) float32 with this model's size and normalisation."""
-        return preprocess_one(image, self.image_size, self.mean, self.std)
-
-    def preprocess(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """(N,) images -> (N, 3, S, S) float32 with this model's size and normalisation."""
-        return preprocess(images, self.image_size, self.mean, self.std)
-
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) pixels -> (N, num_latents, width) float32, in chunks of at most ``max_batch`` images."""
-        s = self.image_size
-        if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
-            raise ValueError(f"pixels must have shape (N, 3, {s}, {s}), got {pixels.shape}")
-        n = pixels.shape[0]
-        out = np.empty((n, self.num_latents, self.width), dtype=LATENT_DTYPE)  # (N, n_lat, D)
-        for start in range(0, n, self.max_batch):
-            chunk = np.ascontiguousarray(pixels[start : start + self.max_batch], dtype=self._input_dtype)
-            latents = self._session.run({self._input: chunk}, [self._output])[self._output]
-            out[start : start + len(chunk)] = latents
-            with self._lock:
-                self.calls += 1
-                self.images_encoded += len(chunk)
-        return out
-
-    def encode_images(self, images: Sequence[ImageInput]) -> np.ndarray:
-        """Encoded images -> (N, num_latents, width); bad bytes raise InvalidRequest(field="image")."""
-        return self.encode(self.preprocess(images))
-
-
-# -- persistent per-item stores --------------------------------------------------------------------
 
 
 class ItemEncoder(Protocol):
@@ -198,24 +75,6 @@ class ImageCatalog(Protocol):
         ...
 
     def on_image_change(self, callback: Callable[[str], None]) -> None: ...
-
-
-def vision_fingerprint(manifest: Manifest) -> str:
-    """Identifies everything that determines an image's latents: the vision graph and its preprocessing."""
-    entry = manifest.graphs.get("vision")
-    v = manifest.vision
-    key = {
-        "graph_sha256": entry.sha256 if entry is not None else "",
-        "graph_file": entry.file if entry is not None else "",
-        "precision": entry.precision if entry is not None else "",
-        "image_size": v.image_size,
-        "mean": list(v.mean),
-        "std": list(v.std),
-        "num_latents": v.num_latents,
-        "width": v.width,
-        "dtype": np.dtype(LATENT_DTYPE).name,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 def default_cache_dir(artifacts: Path) -> Path:
@@ -284,7 +143,7 @@ def _catalog_images(catalog: ImageCatalog, page_size: int = 1000) -> Iterator[st
 class ItemStore:
     """One array per catalog image, memory-mapped from ``cache_dir``; thread-safe. Subclasses say what is
     stored (``_compute``): media latents (``LatentStore``), VQGAN codes (``runtime.vqgan.CodeStore``),
-    cross-attention K/V (``runtime.mediakv.MediaKVStore``).
+    cross-attention K/V (``runtime.vision.media_kv.MediaKVStore``).
 
     On-disk layout: ``index.json`` ({fingerprint, shape, shards, items: id -> [shard, row, image digest]})
     and shards ``<prefix><uuid>.npy`` of shape (rows, *shape). The index is replaced atomically and only
@@ -876,3 +735,4 @@ class LatentStore(ItemStore):
         s = e.image_size
         pixels = np.stack(arrays) if arrays else np.empty((0, 3, s, s), dtype=np.float32)  # (b, 3, S, S)
         return pixels, ok
+
