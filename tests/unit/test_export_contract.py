@@ -22,9 +22,16 @@ def test_manifest_names_every_graph_and_token(tiny_artifacts: Path) -> None:
     for block in range(len(m.decoder.xattn_layers)):
         assert m.names.xattn_key.format(block=block) in names
     assert m.decoder.xattn_layers == [1, 3]  # before every 2nd decoder layer
-    # symbolic dims for batch / sequence / past, and TensorRT profiles for every input
-    assert dec.input(m.names.attention_mask).shape == ["batch", "past+seq"]
-    assert set(dec.profiles) == names
+    # the inplace KV layout: symbolic batch / seq / buffer capacity, past and present the same shape,
+    # TensorRT profiles for every tensor input (the int32 scalars and per-row lengths need none)
+    assert m.decoder.kv_layout == "inplace" and m.decoder.attention == "gqa"
+    past = dec.input(m.names.past_key.format(layer=0)).shape
+    assert past == ["batch", m.decoder.num_heads, "capacity", m.decoder.head_dim]
+    assert {o.name: o.shape for o in dec.outputs}[m.names.present_key.format(layer=0)] == past
+    assert {m.names.seqlens_k, m.names.total_sequence_length, m.names.logits_index} <= names
+    assert m.names.attention_mask not in names and m.names.position_ids not in names
+    scalars = {m.names.seqlens_k, m.names.total_sequence_length, m.names.logits_index}
+    assert set(dec.profiles) == names - scalars
     t = m.tokens
     assert t.bos == t.eos == 0
     assert len(t.rates) == 5 and len(t.selections) == 5 and t.item_count == 200
@@ -88,14 +95,14 @@ def test_validate_fails_on_a_graph_that_does_not_match(tiny_artifacts: Path, tmp
     from export.checkpoints import load_checkpoint
     from export.graphs import export_graph
     from export.pipeline import validate_artifacts
-    from export.specs import decoder_spec
+    from export.specs import inplace_decoder_spec
     from runtime.manifest import DecoderNames
 
     root = _copy(tiny_artifacts, tmp_path / "c")
     loaded = load_checkpoint(tiny_artifacts / "checkpoint")
     with torch.no_grad():
         loaded.model.lm.embed_out.weight.mul_(1.5)
-    export_graph(decoder_spec(loaded.model, DecoderNames()), root / "decoder.onnx")
+    export_graph(inplace_decoder_spec(loaded.model, DecoderNames()), root / "decoder.onnx")
     data = json.loads((root / "manifest.json").read_text())
     from runtime.manifest import sha256_file
 
