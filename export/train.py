@@ -11,7 +11,13 @@
   space token; an auxiliary loss on that position's restricted softmax (items, ``rate_1..5`` or the
   candidates' ``s_i``) teaches both. Half the preference examples drop the leading space so that
   ``Explain`` (which feeds ``rate_r`` right after ``<answer>``) continues from a context it has seen.
-- The whole model is trained (vision tower, perceiver, gated cross-attention, language model).
+- Selection: the paper's candidate chunk names its tag before its metadata (``Selection s_k {meta}``), so a
+  causal model has to tie the suitable chunk's content back to the tag at its start. Every selection
+  example shows its candidates in a fresh order, and a candidate-tag loss makes each token of candidate
+  ``k``'s chunk after ``s_k`` predict ``s_k`` among the prompt's tags (``TrainConfig.tag_weight``); without
+  it the tiny model answers one slot for every user.
+- The language model, the gated cross-attention and the embeddings are trained; the vision tower and the
+  perceiver keep their seeded weights unless ``TrainConfig.train_vision``.
 """
 
 from __future__ import annotations
@@ -83,7 +89,8 @@ PRESETS = {
     "tiny": TrainConfig(steps=300, batch_size=16, lr=3e-3),
     "small": TrainConfig(steps=300, batch_size=8, lr=5e-4, warmup=30),
 }
-"""Training recipe per demo preset (``tiny``: 300 steps, 3 to 7 minutes measured on 2 busy cores)."""
+"""Training recipe per demo preset (``tiny``: 300 steps, 430 s measured on 2 busy cores; fewer steps lose
+the acceptance margins, see README "Evaluation")."""
 
 
 def train_preset(preset: str, steps: int | None = None) -> TrainConfig:

@@ -187,3 +187,16 @@ def test_train_preset_steps() -> None:
         train_preset("tiny", 0)
     with pytest.raises(ValueError, match="unknown demo preset"):
         train_preset("huge")
+
+
+@pytest.mark.parametrize("extra", [["--untrained"], ["--semantic-ids"], ["--train-steps", "0"]])
+def test_export_train_steps_needs_a_trained_demo(extra: list[str], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from runtime.cli import main
+
+    argv = ["export", "--demo", "tiny", "--out", str(tmp_path / "out"), "--quiet", *extra]
+    if "--train-steps" not in extra:
+        argv += ["--train-steps", "5"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: --train-steps: ")
+    assert not (tmp_path / "out").exists()
