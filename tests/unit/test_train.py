@@ -149,6 +149,27 @@ def test_selection_tags_cover_each_candidate_chunk(examples: ShopExamples, tiny_
         assert other.tag_pos == [] and other.tag_target == []
 
 
+def test_augmented_training_prompts_are_served_prompts(examples: ShopExamples, served: Any, tiny_artifacts: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The augmented records (a reordered selection set, an earlier target) go through the same builders."""
+    from runtime.types import RecommendRequest, SelectRequest
+
+    user = read_split(tiny_artifacts / "shop", "test")[1]
+    rng = np.random.default_rng(5)
+    seen = _capture(monkeypatch)
+    for task in ("selection", "recommend"):
+        aug = examples.augmented(task, user, rng)
+        history = tuple(HistoryItem(item_id=h["item_id"], rating=h["rating"], explanation=h["explanation"])
+                        for h in aug["history"])
+        if task == "selection":
+            cands = tuple(HistoryItem(item_id=c) for c in aug["candidates"])
+            served.select_items(SelectRequest(candidates=cands, history=history, max_selected=1))
+        else:
+            served.recommend(RecommendRequest(history=history, top_k=3))
+        example = examples.example(task, aug)
+        np.testing.assert_array_equal(example.ids[: example.slice_pos + 1], seen[-1].ids)
+
+
 def test_selection_augmentation_reorders_the_same_set(examples: ShopExamples, tiny_artifacts: Path) -> None:
     user = read_split(tiny_artifacts / "shop", "test")[0]
     rng = np.random.default_rng(3)
