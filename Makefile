@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(PARITY)
 	$(PIP) install --quiet -c constraints.txt --no-deps -r $(PARITY)
 	touch $@
 
-# The trained tiny demo: synthetic shop, CPU training, export (382 CPU seconds measured, 7:55 wall on 2 busy cores). Its shop/ marks an
+# The trained tiny demo: synthetic shop, CPU training, export (347 CPU seconds measured, 6:07 wall on 2 busy cores). Its shop/ marks an
 # export made since the demo was trained (older untrained exports have none).
 $(DEMO)/shop/test.jsonl: | install
 	$(BIN)/unimp export --demo tiny --out $(DEMO)
