@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(PARITY)
 	$(PIP) install --quiet -c constraints.txt --no-deps -r $(PARITY)
 	touch $@
 
-# The trained tiny demo: synthetic shop, a few minutes of CPU training (3 to 7 measured on 2 busy cores), export. Its shop/ marks an
-# export made since the demo was trained (older untrained exports have none).
+# The trained tiny demo: synthetic shop, CPU training, export (347 CPU seconds measured, 6:07 wall on 2 busy cores). Its shop/ marks an
+# export made since the demo was trained (older untrained exports have none). The malloc thresholds keep glibc from
+# mapping and unmapping every large training tensor: measured on a 40-step export, system time 14.6 s -> 2.0 s.
 $(DEMO)/shop/test.jsonl: | install
-	$(BIN)/unimp export --demo tiny --out $(DEMO)
+	MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296 $(BIN)/unimp export --demo tiny --out $(DEMO)
 
 demo: install $(DEMO)/shop/test.jsonl
 	$(BIN)/python -m runtime.demo --artifacts $(DEMO)

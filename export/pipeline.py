@@ -176,20 +176,29 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
-    semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False, kv_layout: str = "inplace",
+    semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False, train_steps: int | None = None,
+    kv_layout: str = "inplace",
 ) -> Manifest:
     """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
 
     ``trained``: train it on the synthetic shop first (what ``unimp export --demo`` does); the default keeps
     the seeded random weights (fast, flat logits: what most tests want). ``semantic_ids``: with a
     semantic-ID catalog (see export.semantic_ids; untrained only). ``with_vqgan``: with a seeded demo VQGAN.
+    ``train_steps``: with ``trained``, this many optimizer steps instead of the preset's
+    (``export.train.train_preset``).
     """
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
         kind = "trained" if trained else "untrained"
         print(f"building the {kind} {preset} demo checkpoint in {ckpt} ...", flush=True)
-    build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids, trained=trained, progress=progress)
+    train_config = None
+    if trained and train_steps is not None:
+        from export.train import train_preset
+
+        train_config = train_preset(preset, train_steps)
+    build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids, trained=trained,
+                          train_config=train_config, progress=progress)
     diffusion_dir = None
     if with_diffusion:
         try:

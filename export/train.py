@@ -11,7 +11,13 @@
   space token; an auxiliary loss on that position's restricted softmax (items, ``rate_1..5`` or the
   candidates' ``s_i``) teaches both. Half the preference examples drop the leading space so that
   ``Explain`` (which feeds ``rate_r`` right after ``<answer>``) continues from a context it has seen.
-- The whole model is trained (vision tower, perceiver, gated cross-attention, language model).
+- Selection: the paper's candidate chunk names its tag before its metadata (``Selection s_k {meta}``), so a
+  causal model has to tie the suitable chunk's content back to the tag at its start. Every selection
+  example shows its candidates in a fresh order, and a candidate-tag loss makes each token of candidate
+  ``k``'s chunk after ``s_k`` predict ``s_k`` among the prompt's tags (``TrainConfig.tag_weight``); without
+  it the tiny model answers one slot for every user.
+- The language model, the gated cross-attention and the embeddings are trained; the vision tower and the
+  perceiver keep their seeded weights unless ``TrainConfig.train_vision``.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +73,9 @@ class TrainConfig:
     """Loss weight per task (same order)."""
     slice_weight: float = 1.0
     """Weight of the restricted-softmax loss at the ``<answer>`` position."""
+    tag_weight: float = 1.0
+    """Weight of the candidate-tag loss of selection prompts: every token of candidate ``k``'s chunk after its
+    ``s_k`` predicts ``s_k`` among the prompt's tags (see ``Example.tag_pos``)."""
     max_history: int = DEFAULT_MAX_HISTORY
     train_vision: bool = False
     """Also train the vision tower and the perceiver (slow on CPU). Off: both keep their seeded weights,
@@ -77,10 +86,24 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny": TrainConfig(steps=300, batch_size=16, lr=3e-3),
+    "tiny": TrainConfig(steps=300, batch_size=16, lr=3e-3, tag_weight=3.0),
     "small": TrainConfig(steps=300, batch_size=8, lr=5e-4, warmup=30),
 }
-"""Training recipe per demo preset (``tiny``: 300 steps, 3 to 7 minutes measured on 2 busy cores)."""
+"""Training recipe per demo preset (``tiny``: 300 steps, 318 s measured on 2 busy cores; 200 steps lose the
+acceptance margins, and tag weight 3 measured better than 1 on every task but search: README "Evaluation")."""
+
+
+def train_preset(preset: str, steps: int | None = None) -> TrainConfig:
+    """The preset's recipe, with ``steps`` optimizer steps when given (the warmup shrinks to at most a
+    tenth of them; the cosine decay spans the rest)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]
+    if steps is None:
+        return cfg
+    if steps < 1:
+        raise ValueError(f"--train-steps: must be >= 1, got {steps}")
+    return replace(cfg, steps=steps, warmup=min(cfg.warmup, max(1, steps // 10)))
 
 
 @dataclass
@@ -98,6 +121,11 @@ class Example:
     slice_ids: list[int]
     slice_target: list[float]
     """Target distribution over ``slice_ids`` (sums to 1)."""
+    tag_pos: list[int] = field(default_factory=list)
+    """Selection prompts: the positions of each candidate chunk after its ``s_k`` tag (through its
+    ``<|endofchunk|>``); empty for the other tasks."""
+    tag_target: list[int] = field(default_factory=list)
+    """The candidate index ``k`` of each ``tag_pos`` (an index into ``slice_ids``)."""
 
 
 @dataclass
@@ -163,6 +191,10 @@ class ShopExamples:
             t = int(rng.integers(1, len(hist)))
             return {**user, "history": hist[:t], "rating_item": hist[t]["item_id"], "rating": hist[t]["rating"],
                     "explanation": hist[t]["explanation"]}
+        if task == "selection":  # the same set in another order: the answer is the content, not the slot
+            order = [int(i) for i in rng.permutation(len(user["candidates"]))]
+            return {**user, "candidates": [user["candidates"][i] for i in order],
+                    "selected": sorted(order.index(i) for i in user["selected"])}
         return user
 
     # -- tokens and weights -----------------------------------------------------------------------------
@@ -201,10 +233,23 @@ class ShopExamples:
             n = len(user["candidates"])
             slice_ids = list(v.selections[:n])
             target = [1.0 / len(user["selected"]) if i in user["selected"] else 0.0 for i in range(n)]
+        tag_pos: list[int] = []
+        tag_target: list[int] = []
+        if task == "selection":  # `<image> Selection s_k {meta} <|endofchunk|>`: the chunk's tokens after s_k
+            tags = {tok: k for k, tok in enumerate(slice_ids)}
+            current = -1
+            for j, tok in enumerate(ids):
+                if tok in tags:
+                    current = tags[tok]
+                elif current >= 0:
+                    tag_pos.append(j)
+                    tag_target.append(current)
+                    if tok == v.endofchunk:
+                        current = -1
         all_ids = ids + answer_ids + [v.eos]
         weights += [weight] * (len(answer_ids) + 1)
         images = [self.index[i.item_id] for i in prompt.images]
-        return Example(task, all_ids, weights, images, slice_pos, slice_ids, target)
+        return Example(task, all_ids, weights, images, slice_pos, slice_ids, target, tag_pos, tag_target)
 
     def sample(self, users: list[dict[str, Any]], rng: np.random.Generator, cfg: TrainConfig,
                task_index: int | None = None) -> Example:
@@ -213,7 +258,7 @@ class ShopExamples:
             task_index = int(rng.choice(len(TASKS), p=np.asarray(cfg.task_mix) / sum(cfg.task_mix)))
         task = TASKS[task_index]
         user = users[int(rng.integers(0, len(users)))]
-        if task != "selection" and rng.random() < 0.5:
+        if task == "selection" or rng.random() < 0.5:  # selection: always in a fresh order
             user = self.augmented(task, user, rng)
         drop = task == "preference" and bool(rng.random() < 0.5)
         return self.example(task, user, cfg.task_weights[task_index], drop_space=drop)
@@ -268,10 +313,12 @@ def answer_logits(model: UniMP, batch: list[Example], vocab: AddedVocab, pixels:
 
 
 def batch_loss(model: UniMP, batch: list[Example], pixels: torch.Tensor | None, vocab: AddedVocab, gamma: float,
-               slice_weight: float, media: torch.Tensor | None = None) -> torch.Tensor:
+               slice_weight: float, media: torch.Tensor | None = None, tag_weight: float = 0.0) -> torch.Tensor:
     """Focal-weighted token loss over the supervised positions plus the restricted-softmax loss at the
-    answer position. ``pixels`` (N, 3, S, S) are encoded for the batch's images, or ``media`` (N, n, Dv)
-    gives the catalog's media latents directly (frozen vision)."""
+    answer position, plus ``tag_weight`` times the candidate-tag loss of selection examples (each
+    candidate chunk's tokens predict the chunk's ``s_k`` among the prompt's tags). ``pixels`` (N, 3, S, S)
+    are encoded for the batch's images, or ``media`` (N, n, Dv) gives the catalog's media latents directly
+    (frozen vision)."""
     ids, mask, weights = _pad(batch, vocab)
     hidden = _hidden(model, batch, ids, mask, vocab, pixels, media)
     rows, cols = torch.nonzero(weights[:, 1:] > 0, as_tuple=True)  # predict ids[:, c + 1] at position c
@@ -285,7 +332,16 @@ def batch_loss(model: UniMP, batch: list[Example], pixels: torch.Tensor | None, 
     for b, e in enumerate(batch):
         row = F.log_softmax(at_answer[b, e.slice_ids], dim=-1)
         slice_terms.append(-(torch.tensor(e.slice_target) * row).sum() * max(e.weights[-1], 0.0))
-    return token_loss + slice_weight * torch.stack(slice_terms).mean()
+    loss = token_loss + slice_weight * torch.stack(slice_terms).mean()
+    tagged = [b for b, e in enumerate(batch) if e.tag_pos]
+    if tag_weight > 0 and tagged:
+        tag_terms = []
+        for b in tagged:
+            e = batch[b]
+            logp = F.log_softmax(model.lm.logits(hidden[b, e.tag_pos])[:, e.slice_ids], dim=-1)  # (P, n)
+            tag_terms.append(-logp.gather(-1, torch.tensor(e.tag_target)[:, None]).mean() * max(e.weights[-1], 0.0))
+        loss = loss + tag_weight * torch.stack(tag_terms).sum() / len(batch)
+    return loss
 
 
 def init_item_embeddings(model: UniMP, examples: ShopExamples) -> None:
@@ -343,7 +399,7 @@ def train(
         # one task per batch: similar lengths and image counts pad less
         task = int(rng.choice(len(TASKS), p=np.asarray(cfg.task_mix) / sum(cfg.task_mix)))
         batch = [examples.sample(users, rng, cfg, task) for _ in range(cfg.batch_size)]
-        loss = batch_loss(model, batch, pixels, examples.vocab, cfg.gamma, cfg.slice_weight, media)
+        loss = batch_loss(model, batch, pixels, examples.vocab, cfg.gamma, cfg.slice_weight, media, cfg.tag_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

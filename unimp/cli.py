@@ -20,12 +20,18 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     from export.checkpoints import CheckpointError
 
+    if args.train_steps is not None and (not args.demo or args.untrained or args.semantic_ids):
+        print("error: --train-steps: only with --demo (trained: not --untrained or --semantic-ids)", file=sys.stderr)
+        return 2
+    if args.train_steps is not None and args.train_steps < 1:
+        print(f"error: --train-steps: must be >= 1, got {args.train_steps}", file=sys.stderr)
+        return 2
     try:
         if args.demo:
             manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
                                    with_diffusion=not args.no_diffusion, semantic_ids=args.semantic_ids,
                                    with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids),
-                                   kv_layout=args.kv_layout)
+                                   train_steps=args.train_steps, kv_layout=args.kv_layout)
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
                                          diffusion=args.diffusion, vqgan=args.vqgan, kv_layout=args.kv_layout)
@@ -108,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the demo weights, tokenizer, catalog and shop")
     p.add_argument("--untrained", action="store_true",
                    help="with --demo: keep the seeded random weights instead of training on the synthetic shop")
+    p.add_argument("--train-steps", type=int, default=None, metavar="N",
+                   help="with --demo (trained): N optimizer steps instead of the preset's (tiny 300, small 300)")
     p.add_argument("--kv-layout", choices=["inplace", "concat"], default="inplace",
                    help="decoder KV cache form: inplace (GroupQueryAttention over a static buffer written in place; "
                         "onnxruntime CPU/CUDA) or concat (present = Concat(past, new), for TensorRT 10.3 / "

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from runtime.catalog import Catalog
-from unimp.cli import build_parser, main
 from runtime.client import UnimpClient
 from runtime.engine import Runtime, RuntimeConfig
 from runtime.server.app import ServerThread
@@ -19,6 +18,7 @@ from runtime.server.config import ServerConfig
 from runtime.types import HistoryItem
 from runtime.vision import LatentStore
 from runtime.vision.media_kv import MediaKVStore
+from unimp.cli import build_parser, main
 
 
 def _wait(predicate: Any, timeout: float = 30.0) -> bool:

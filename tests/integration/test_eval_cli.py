@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unimp.cli import main
 from runtime.eval.metrics import KS
 from tests.integration.eval_fixtures import copy_artifacts, perturb_decoder, write_splits
+from unimp.cli import main
 
 FAST = ["--quiet", "--threads", "1", "--limit", "4", "--explain-tokens", "8"]
 

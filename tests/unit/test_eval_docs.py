@@ -7,8 +7,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from unimp.cli import build_parser
 from runtime.eval.guard import GuardThresholds
+from unimp.cli import build_parser
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -186,3 +186,28 @@ def test_selected_set_keeps_the_second_above_uniform() -> None:
     assert selected_set([0.34, 0.26, 0.4]) == (2, 0)
     assert selected_set([0.25, 0.25, 0.25, 0.25]) == (0, 1)  # ties: lower index
     assert selected_set([]) == ()
+
+
+def test_selection_section_and_its_same_size_random_baseline() -> None:
+    """The random baseline draws, per user, as many candidates as the model selected."""
+    from runtime.eval.runner import EvalConfig, UserRecord, score
+
+    users = [_user("u1", ["a"], "b", candidates=("c", "d", "e", "f"), selected=(1,)),
+             _user("u2", ["a"], "b", candidates=("c", "d", "e"), selected=(0, 2))]
+    recs = [UserRecord("u1", selected=(1, 0)), UserRecord("u2", selected=(2,))]
+    base = Baselines((), m.popularity_counts([["e", "e", "c"]]))
+    out = score(users, recs, EvalConfig(tasks=("selection",)), base)["selection"]
+    # model: u1 P 1/2 R 1 F1 2/3; u2 P 1 R 1/2 F1 2/3
+    close(out["precision"], 0.75)
+    close(out["recall"], 0.75)
+    close(out["f1"], 2 / 3)
+    # random, 2 of 4 with 1 right: P 1/4, R 2/4, F1 2*2*1/(4*3) = 1/3; 1 of 3 with 2 right: P 2/3, R 1/3,
+    # F1 2*1*2/(3*3) = 4/9
+    rnd = out["baseline"]["random"]
+    close(rnd["precision"], (1 / 4 + 2 / 3) / 2)
+    close(rnd["recall"], (2 / 4 + 1 / 3) / 2)
+    close(rnd["f1"], (1 / 3 + 4 / 9) / 2)
+    # popularity: u1 takes e, c (2 picks; e twice, c once): neither is d -> 0; u2 takes e: P 1, R 1/2
+    pop = out["baseline"]["popularity"]
+    close(pop["f1"], (0 + 2 / 3) / 2)
+    assert out["count"] == 2
