@@ -33,7 +33,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy export runtime benchmarks
+	$(BIN)/mypy unimp export runtime benchmarks
 
 bench: install
 	$(BIN)/unimp bench --preset small --out bench-results
