@@ -94,15 +94,21 @@ def _catalog_encode(args: argparse.Namespace) -> int:
 
 def _quantize(args: argparse.Namespace) -> int:
     try:
-        from export.quantize import QuantizeConfig, QuantizeError, guard_summary, guard_tasks, quantize_artifacts, \
-            record_guard
+        from export.quantize import (
+            QuantizeConfig,
+            QuantizeError,
+            guard_summary,
+            guard_tasks,
+            quantize_artifacts,
+            record_guard,
+        )
     except ImportError as exc:
         print(f"unimp quantize needs the export extra (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
         return 2
     from runtime.eval.data import DataError
     from runtime.eval.guard import GuardThresholds
     from runtime.eval.runner import EvalConfig, EvalError
-    from runtime.manifest import ManifestError
+    from runtime.manifest import ManifestError, load_manifest
 
     graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
     config = QuantizeConfig(precision=args.precision, format=args.format, graphs=graphs, block_size=args.block_size,
@@ -116,10 +122,9 @@ def _quantize(args: argparse.Namespace) -> int:
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    written = load_manifest(args.out, verify=False)
     for name in section["graphs"]:
-        from runtime.manifest import load_manifest
-
-        q = load_manifest(args.out, verify=False).graphs[name].extra["quantization"]
+        q = written.graphs[name].extra["quantization"]
         ops = ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
         print(f"  {name:<9} {q['bytes_before'] / 2**20:8.2f} MiB -> {q['bytes_after'] / 2**20:8.2f} MiB  ({ops})")
     print(f"wrote {args.precision} variant of {args.artifacts} to {args.out}")

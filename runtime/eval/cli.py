@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.backends.base import Provider
 from runtime.eval.data import SPLITS, DataError, data_dir, load_split
 from runtime.eval.guard import GuardThresholds, compare
 from runtime.eval.report import render_markdown
@@ -81,7 +82,7 @@ _FIELD_HELP = {
 }
 
 
-def _run(artifacts: Path, users: list[Any], config: EvalConfig, provider: str, threads: int,
+def _run(artifacts: Path, users: list[Any], config: EvalConfig, provider: Provider, threads: int,
          desc: str) -> tuple[dict[str, Any], list[UserRecord], tuple[str, ...]]:
     from runtime.backends import BackendConfig
     from runtime.engine import Runtime, RuntimeConfig
@@ -102,7 +103,7 @@ def _run(artifacts: Path, users: list[Any], config: EvalConfig, provider: str, t
 
 def eval_report(artifacts: Path, config: EvalConfig, *, against: Path | None = None,
                 limits: GuardThresholds | None = None, split: str = "test", limit: int | None = None,
-                data: Path | None = None, provider: str = "cpu", threads: int = 0) -> dict[str, Any]:
+                data: Path | None = None, provider: Provider = "cpu", threads: int = 0) -> dict[str, Any]:
     """The report of ``unimp eval ARTIFACTS [--against AGAINST]`` as a dict (with a ``guard`` section when
     ``against`` is given). Raises DataError, ManifestError, EvalError or FileNotFoundError."""
     directory = data_dir(artifacts, data)
