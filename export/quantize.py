@@ -113,15 +113,18 @@ def op_counts(path: Path) -> dict[str, int]:
 
 @contextlib.contextmanager
 def _quiet_tooling() -> Iterator[None]:
-    """onnxruntime's quantizers log every node at INFO; keep that for ``unimp -v`` only."""
-    logger = logging.getLogger("onnxruntime.quantization")
-    level = logger.level
+    """onnxruntime's quantizers log every node at INFO (``quantize_dynamic`` on the root logger, with a
+    pre-processing hint at WARNING meant for static calibration); keep that for ``unimp -v`` only."""
+    loggers = [logging.getLogger("onnxruntime.quantization"), logging.getLogger()]
+    levels = [logger.level for logger in loggers]
     if not log.isEnabledFor(logging.DEBUG):
-        logger.setLevel(logging.WARNING)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str]) -> None:

@@ -249,3 +249,10 @@ def test_skipped_guard_is_recorded_as_not_run(src: Path, tmp_path: Path) -> None
     assert _guard(out) is None
     warning = guard_warning(out)
     assert warning is not None and "not run" in warning
+
+
+def test_serve_runs_the_guard_warning_first(tmp_path: Path) -> None:
+    from unimp.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--artifacts", str(tmp_path)])
+    assert args.pre is _serve_warning
