@@ -42,7 +42,6 @@ QUANTIZABLE = ("decoder", "media_kv", "vision")
 SKIPPED = (".cache", ".ort-cache")
 """Top-level entries never carried over: caches derived from the source graphs."""
 QUANTIZED_OPS = {"int8": ("DynamicQuantizeLinear", "MatMulInteger"), "int4": ("MatMulNBits",)}
-GUARD_TASK_PREFIXES = ("recommend", "search", "rating", "explanation", "selection")
 
 
 class QuantizeError(Exception):
@@ -103,6 +102,18 @@ def lm_head_nodes(model: Any, vocab_size: int) -> list[str]:
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     return [n.name for n in model.graph.node
             if n.op_type == "MatMul" and len(n.input) > 1 and shapes.get(n.input[1], [0])[-1:] == [vocab_size]]
+
+
+def external_data_files(path: Path) -> list[str]:
+    """Paths (relative to the artifacts directory) of the external data files an ONNX file refers to."""
+    model = _onnx().load(str(path), load_external_data=False)
+    out: set[str] = set()
+    for init in model.graph.initializer:
+        if init.data_location == 1:  # TensorProto.EXTERNAL
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location:
+                out.add((Path(path).parent / location).as_posix())
+    return sorted(out)
 
 
 def op_counts(path: Path) -> dict[str, int]:
@@ -213,7 +224,13 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
                             f"({manifest.source['quantization'].get('precision')}); quantize the fp32 source")
     data = json.loads((src / MANIFEST_NAME).read_text(encoding="utf-8"))
     replaced = {manifest.graphs[g].file for g in config.graphs}
+    old_data = {Path(f).relative_to(src).as_posix() for g in config.graphs
+                for f in external_data_files(src / manifest.graphs[g].file)}
+    # never link a rewritten graph's weights: the quantizer would write through the link into the source
+    replaced |= old_data
     carried = list(_carried_files(src, replaced))
+    for rel in old_data:
+        data.get("files", {}).pop(rel, None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -229,8 +246,8 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
                 entry = manifest.graphs[name]
                 bar.set_postfix_str(name)
                 exclude = list(config.exclude)
-                onnx_model = _onnx().load(str(src / entry.file), load_external_data=False)
                 if name == "decoder" and config.keep_lm_head:
+                    onnx_model = _onnx().load(str(src / entry.file), load_external_data=False)
                     exclude += lm_head_nodes(onnx_model, manifest.decoder.vocab_size)
                 dst = tmp / entry.file
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -242,6 +259,8 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
                 g = data["graphs"][name]
                 g["precision"] = config.precision
                 g["sha256"] = sha256_file(dst)
+                for f in external_data_files(dst):
+                    data.setdefault("files", {})[Path(f).relative_to(tmp).as_posix()] = sha256_file(Path(f))
                 g.setdefault("extra", {})["quantization"] = settings
                 graphs[name] = settings
                 bar.update(1)
@@ -307,8 +326,11 @@ def guard_warning(artifacts: Path) -> str | None:
 
 
 def guard_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
-    unknown = [t for t in tasks if t not in GUARD_TASK_PREFIXES]
+    """The ``--guard-tasks`` list, checked against ``unimp eval``'s tasks."""
+    from runtime.eval.runner import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise QuantizeError(f"--guard-tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; choose from "
-                            f"{','.join(GUARD_TASK_PREFIXES)}")
+                            f"{','.join(TASKS)}")
     return tuple(tasks)

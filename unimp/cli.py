@@ -118,6 +118,10 @@ def _quantize(args: argparse.Namespace) -> int:
         tasks = guard_tasks([t.strip() for t in args.guard_tasks.split(",") if t.strip()])
         if args.guard_limit is not None and args.guard_limit < 1:
             raise QuantizeError(f"--guard-limit: must be >= 1, got {args.guard_limit}")
+        if args.guard_explain_tokens < 1:
+            raise QuantizeError(f"--guard-explain-tokens: must be >= 1, got {args.guard_explain_tokens}")
+        if args.threads < 0:
+            raise QuantizeError(f"--threads: must be >= 0, got {args.threads}")
         section = quantize_artifacts(args.artifacts, args.out, config, force=args.force, progress=not args.quiet)
     except QuantizeError as exc:
         print(f"error: {exc}", file=sys.stderr)

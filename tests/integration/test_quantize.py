@@ -256,3 +256,25 @@ def test_serve_runs_the_guard_warning_first(tmp_path: Path) -> None:
 
     args = build_parser().parse_args(["serve", "--artifacts", str(tmp_path)])
     assert args.pre is _serve_warning
+
+
+def test_external_weights_of_a_rewritten_graph_are_never_linked(src: Path, tmp_path: Path) -> None:
+    """A source decoder with external data: the variant must not share (and so never write) that file."""
+    ext = copy_artifacts(src, tmp_path / "ext")
+    model = onnx.load(str(ext / "decoder.onnx"))
+    onnx.save_model(model, str(ext / "decoder.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="decoder.onnx.data", size_threshold=1024)
+    data = json.loads((ext / MANIFEST_NAME).read_text())
+    data["graphs"]["decoder"]["sha256"] = sha256_file(ext / "decoder.onnx")
+    data["files"]["decoder.onnx.data"] = sha256_file(ext / "decoder.onnx.data")
+    (ext / MANIFEST_NAME).write_text(json.dumps(data))
+    before = sha256_file(ext / "decoder.onnx.data")
+    out = tmp_path / "ext-int8"
+    quantize_artifacts(ext, out, QuantizeConfig(precision="int8", graphs=("decoder",)), progress=False)
+    assert sha256_file(ext / "decoder.onnx.data") == before
+    assert not (out / "decoder.onnx.data").exists() or not os.path.samefile(out / "decoder.onnx.data",
+                                                                            ext / "decoder.onnx.data")
+    manifest = load_manifest(out, verify=True)
+    assert "decoder.onnx.data" not in manifest.files or (out / "decoder.onnx.data").is_file()
+    assert op_counts(out / "decoder.onnx").get("MatMulInteger", 0) > 0
+    _open(out, tmp_path / "lat").close()
