@@ -1,4 +1,4 @@
-"""The ``unimp`` command: export, validate, catalog encode, serve, client, eval, bench.
+"""The ``unimp`` command: export, validate, catalog encode, quantize, serve, client, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -91,6 +92,94 @@ def _catalog_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    try:
+        from export.quantize import (
+            QuantizeConfig,
+            QuantizeError,
+            guard_summary,
+            guard_tasks,
+            quantize_artifacts,
+            record_guard,
+        )
+    except ImportError as exc:
+        print(f"unimp quantize needs the export extra (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
+        return 2
+    from runtime.eval.data import DataError
+    from runtime.eval.guard import GuardThresholds
+    from runtime.eval.runner import EvalConfig, EvalError
+    from runtime.manifest import ManifestError, load_manifest
+
+    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
+    config = QuantizeConfig(precision=args.precision, format=args.format, graphs=graphs, block_size=args.block_size,
+                            accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head)
+    try:
+        config.validate()
+        tasks = guard_tasks([t.strip() for t in args.guard_tasks.split(",") if t.strip()])
+        if args.guard_limit is not None and args.guard_limit < 1:
+            raise QuantizeError(f"--guard-limit: must be >= 1, got {args.guard_limit}")
+        if args.guard_explain_tokens < 1:
+            raise QuantizeError(f"--guard-explain-tokens: must be >= 1, got {args.guard_explain_tokens}")
+        if args.threads < 0:
+            raise QuantizeError(f"--threads: must be >= 0, got {args.threads}")
+        section = quantize_artifacts(args.artifacts, args.out, config, force=args.force, progress=not args.quiet)
+    except QuantizeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    written = load_manifest(args.out, verify=False)
+    for name in section["graphs"]:
+        q = written.graphs[name].extra["quantization"]
+        ops = ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
+        print(f"  {name:<9} {q['bytes_before'] / 2**20:8.2f} MiB -> {q['bytes_after'] / 2**20:8.2f} MiB  ({ops})")
+    print(f"wrote {args.precision} variant of {args.artifacts} to {args.out}")
+    if args.skip_guard:
+        print("accuracy guard skipped (--skip-guard): the manifest records it as not run; `unimp serve` warns",
+              file=sys.stderr)
+        return 0
+    from runtime.eval.cli import eval_report
+    from runtime.eval.report import render_markdown
+
+    limits = GuardThresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuardThresholds)})
+    eval_config = EvalConfig(tasks=tasks, explain_tokens=args.guard_explain_tokens, progress=not args.quiet)
+    try:
+        report = eval_report(args.out, eval_config, against=args.artifacts, limits=limits, split=args.guard_split,
+                             limit=args.guard_limit, data=args.guard_data, threads=args.threads)
+    except (DataError, ManifestError, EvalError, FileNotFoundError) as exc:
+        print(f"error: accuracy guard could not run: {exc} (the manifest records it as not run)", file=sys.stderr)
+        return 2
+    summary = guard_summary(report)
+    record_guard(args.out, summary)
+    print(render_markdown(report))
+    for task, verdict in summary["tasks"].items():
+        print(f"  guard {task:<12} {'passed' if verdict['passed'] else 'FAILED'}")
+    if not summary["passed"]:
+        failed = [c["name"] for v in summary["tasks"].values() for c in v["checks"] if not c["passed"]]
+        print(f"accuracy guard FAILED for {', '.join(summary['failed_tasks'])}: {'; '.join(failed)} "
+              f"(recorded in {args.out / 'manifest.json'})", file=sys.stderr)
+        return 1
+    print(f"accuracy guard passed on {summary['users']} {summary['split']} users (recorded in the manifest)")
+    return 0
+
+
+def _serve_warning(args: argparse.Namespace) -> None:
+    """Warn when the served artifacts are a quantized variant whose accuracy guard failed or did not run."""
+    artifacts = getattr(args, "artifacts", None)
+    if artifacts is None:
+        try:
+            from runtime.server.config import load_config
+
+            artifacts = load_config(getattr(args, "config", None)).artifacts
+        except Exception:
+            return
+    if artifacts is None:
+        return
+    from export.quantize import guard_warning
+
+    warning = guard_warning(Path(artifacts))
+    if warning:
+        logging.getLogger("unimp.quantize").warning("%s; serving it anyway", warning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -150,6 +239,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_catalog_encode)
 
+    from runtime.eval.guard import GuardThresholds
+
+    p = sub.add_parser(
+        "quantize", help="int8 / int4 weights: a new artifacts directory, checked by the accuracy guard",
+        description="Write a quantized variant of ART to --out: a complete artifacts directory (its own manifest "
+                    "with each graph's precision, quantization settings and sha256, and the sha256 of ART's "
+                    "manifest; every other file hard-linked) that serve, eval and bench take like any other. "
+                    "Then run the accuracy guard of `unimp eval --against ART` on it and record the per-task "
+                    "result in its manifest; exit 1 when the guard fails (the variant is kept, marked failed, and "
+                    "`unimp serve` warns about it), 2 for bad usage.")
+    p.add_argument("artifacts", type=Path, metavar="ART", help="fp32 artifacts directory written by `unimp export`")
+    p.add_argument("--precision", choices=["int8", "int4"], required=True,
+                   help="int8: dynamic int8 MatMulInteger (onnxruntime quantize_dynamic, per-tensor weights); "
+                        "int4: MatMulNBits (block-wise symmetric 4-bit weights)")
+    p.add_argument("--format", choices=["cpu"], default="cpu",
+                   help="graph form: cpu, what onnxruntime's CPU provider runs fastest (default: %(default)s; the "
+                        "qdq form for TensorRT is not implemented yet)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new artifacts directory to write")
+    p.add_argument("--force", action="store_true", help="replace --out when it is an existing artifacts directory")
+    p.add_argument("--graphs", default="decoder,media_kv,vision",
+                   help="comma-separated graphs to quantize, of %(default)s (default: all three); the others "
+                        "and any diffusion / VQGAN graph stay fp32")
+    p.add_argument("--block-size", type=int, default=32, metavar="N",
+                   help="int4: weights per quantization block (a power of two >= 16; default: %(default)s)")
+    p.add_argument("--accuracy-level", type=int, default=4, metavar="L",
+                   help="int4: MatMulNBits activation compute type, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+                        "(default: %(default)s, the fast one on x86)")
+    p.add_argument("--keep-lm-head", action="store_true", help="keep the decoder's LM head MatMul in fp32")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="guard: ONNX Runtime intra-op threads (default: 0, all physical cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    guard = p.add_argument_group("accuracy guard (unimp eval OUT --against ART)")
+    guard.add_argument("--skip-guard", action="store_true",
+                       help="do not run the guard (the manifest records it as not run; `unimp serve` warns)")
+    guard.add_argument("--guard-split", choices=["train", "validation", "test"], default="test",
+                       help="users the guard evaluates (default: %(default)s)")
+    guard.add_argument("--guard-limit", type=int, default=None, metavar="N", help="only the split's first N users")
+    guard.add_argument("--guard-data", type=Path, default=None, metavar="DIR",
+                       help="directory with {train,validation,test}.jsonl (default: ART/shop)")
+    guard.add_argument("--guard-tasks", default="recommend,search,rating,explanation,selection",
+                       help="comma-separated tasks the guard runs (default: %(default)s)")
+    guard.add_argument("--guard-explain-tokens", type=int, default=64, metavar="N",
+                       help="new-token limit of the guard's greedy explanations (default: %(default)s)")
+    from runtime.eval.cli import _FIELD_HELP
+
+    for f in dataclasses.fields(GuardThresholds):
+        guard.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, metavar="X",
+                           help=f"{_FIELD_HELP.get(f.name, '')} (default: %(default)s)")
+    p.set_defaults(func=_quantize)
+
     try:
         from runtime.server.cli_commands import (
             add_client_arguments,
@@ -162,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         p = sub.add_parser("serve", help="serve the artifacts over gRPC")
         add_serve_arguments(p)
-        p.set_defaults(func=run_serve)
+        p.set_defaults(func=run_serve, pre=_serve_warning)
         p = sub.add_parser("client", help="call the server")
         add_client_arguments(p)
         p.set_defaults(func=run_client)
@@ -190,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    pre = getattr(args, "pre", None)
+    if pre is not None:
+        pre(args)
     return int(args.func(args) or 0)
 
 

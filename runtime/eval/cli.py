@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runtime.backends.base import Provider
 from runtime.eval.data import SPLITS, DataError, data_dir, load_split
 from runtime.eval.guard import GuardThresholds, compare
 from runtime.eval.report import render_markdown
@@ -75,28 +76,51 @@ _FIELD_HELP = {
     "min_overlap": "smallest mean top-10 item overlap with the reference, per ranking task and mode",
     "min_rating_agreement": "smallest share of requests with the reference's argmax rating",
     "max_rmse_diff": "largest |RMSE difference| of the argmax rating",
+    "max_rouge_l_diff": "largest |ROUGE-L F difference| of the explanations",
     "min_selection_agreement": "smallest share of selection requests with the reference's selected set",
     "min_explanation_match": "smallest share of explanations equal to the reference's (0: not enforced)",
 }
 
 
-def _run(artifacts: Path, users: list[Any], config: EvalConfig, args: argparse.Namespace,
+def _run(artifacts: Path, users: list[Any], config: EvalConfig, provider: Provider, threads: int,
          desc: str) -> tuple[dict[str, Any], list[UserRecord], tuple[str, ...]]:
     from runtime.backends import BackendConfig
     from runtime.engine import Runtime, RuntimeConfig
 
     runtime = Runtime.open(artifacts, RuntimeConfig(
-        backend=BackendConfig(provider=args.provider, intra_op_threads=args.threads), progress=config.progress))
+        backend=BackendConfig(provider=provider, intra_op_threads=threads), progress=config.progress))
     try:
         records, seconds = evaluate(runtime, users, config, desc=desc)
         decoder = runtime.manifest.graphs["decoder"]
-        meta = {"artifacts": str(artifacts), "model": runtime.manifest.model_name, "backend": args.provider,
+        meta = {"artifacts": str(artifacts), "model": runtime.manifest.model_name, "backend": provider,
                 "precision": decoder.precision,
                 "precisions": {name: g.precision for name, g in runtime.manifest.graphs.items()},
                 "seconds": seconds}
         return meta, records, catalog_items(runtime)
     finally:
         runtime.close()
+
+
+def eval_report(artifacts: Path, config: EvalConfig, *, against: Path | None = None,
+                limits: GuardThresholds | None = None, split: str = "test", limit: int | None = None,
+                data: Path | None = None, provider: Provider = "cpu", threads: int = 0) -> dict[str, Any]:
+    """The report of ``unimp eval ARTIFACTS [--against AGAINST]`` as a dict (with a ``guard`` section when
+    ``against`` is given). Raises DataError, ManifestError, EvalError or FileNotFoundError."""
+    directory = data_dir(artifacts, data)
+    users = load_split(directory, split, limit)
+    train = load_split(directory, "train")
+    meta, records, items = _run(artifacts, users, config, provider, threads, "eval")
+    base = train_baselines(train, items)
+    report: dict[str, Any] = {**score(users, records, config, base), **meta}
+    report.update({"split": split, "data": str(directory), "users": len(users), "tasks": list(config.tasks),
+                   "beam": config.beam})
+    if against is not None:
+        ref_meta, ref_records, _ = _run(against, users, config, provider, threads, "reference")
+        reference = {**score(users, ref_records, config, base), **ref_meta}
+        report["reference"] = reference
+        report["guard"] = compare(records, ref_records, report, reference, config.tasks,
+                                  limits if limits is not None else GuardThresholds())
+    return report
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -118,20 +142,9 @@ def run_eval(args: argparse.Namespace) -> int:
     config = EvalConfig(tasks=tasks, beam=args.beam, explain_tokens=args.explain_tokens, progress=not args.quiet)
     t0 = time.perf_counter()
     try:
-        directory = data_dir(args.artifacts, args.data)
-        users = load_split(directory, args.split, args.limit)
-        train = load_split(directory, "train")
-        meta, records, items = _run(args.artifacts, users, config, args, "eval")
-        base = train_baselines(train, items)
-        report: dict[str, Any] = {**score(users, records, config, base), **meta}
-        report.update({"split": args.split, "data": str(directory), "users": len(users), "tasks": list(tasks),
-                       "beam": args.beam})
-        if args.against is not None:
-            ref_meta, ref_records, _ = _run(args.against, users, config, args, "reference")
-            reference = {**score(users, ref_records, config, base), **ref_meta}
-            limits = GuardThresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuardThresholds)})
-            report["reference"] = reference
-            report["guard"] = compare(records, ref_records, report, reference, tasks, limits)
+        limits = GuardThresholds(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GuardThresholds)})
+        report = eval_report(args.artifacts, config, against=args.against, limits=limits, split=args.split,
+                             limit=args.limit, data=args.data, provider=args.provider, threads=args.threads)
     except (DataError, ManifestError, EvalError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

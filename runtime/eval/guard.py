@@ -34,6 +34,8 @@ class GuardThresholds:
     """Share of rating requests with the reference's argmax rating."""
     max_rmse_diff: float = 0.05
     """|RMSE - reference RMSE| of the argmax rating."""
+    max_rouge_l_diff: float = 0.01
+    """|ROUGE-L F - reference ROUGE-L F| of the explanations (1 point absolute)."""
     min_selection_agreement: float = 0.9
     """Share of selection requests with the reference's selected set."""
     min_explanation_match: float = 0.0
@@ -126,6 +128,9 @@ def checks(diffs: dict[str, dict[str, float]], agree: dict[str, Any], limits: Gu
         out.append(Check("rating agreement", agree["rating"]["agreement"], limits.min_rating_agreement, "min"))
     if "rating" in diffs and "rmse" in diffs["rating"]:
         out.append(Check("rating.rmse difference", abs(diffs["rating"]["rmse"]), limits.max_rmse_diff, "max"))
+    if "explanation" in diffs and "rouge_l" in diffs["explanation"]:
+        out.append(Check("explanation.rouge_l difference", abs(diffs["explanation"]["rouge_l"]),
+                         limits.max_rouge_l_diff, "max"))
     if "selection" in agree:
         out.append(Check("selection agreement", agree["selection"]["agreement"], limits.min_selection_agreement, "min"))
     if "explanation" in agree:

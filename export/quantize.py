@@ -1,0 +1,336 @@
+"""``unimp quantize``: the precision ladder (int8 / int4 weights) over an artifacts directory.
+
+Writes a complete new artifacts directory: the quantized graphs, every other file hard-linked (copied where
+the file system cannot link) from the source, and its own ``manifest.json`` whose graph entries carry the
+new precision, sha256 and quantization settings (``extra["quantization"]``). ``source["quantization"]``
+records the source directory, the sha256 of its manifest, the settings and, once it ran, the accuracy
+guard's per-task verdict (``guard``), which ``unimp serve`` reads to warn about a failing variant.
+
+``cpu`` format (what onnxruntime's CPU provider runs fastest), from onnxruntime's own tooling:
+
+- int8: ``quantize_dynamic`` on MatMul nodes with a constant weight (per-tensor, signed int8 weights;
+  activations are quantized at run time: DynamicQuantizeLinear + MatMulInteger);
+- int4: ``MatMulNBitsQuantizer`` (symmetric, block-wise, ``MatMulNBits`` with an ``accuracy_level``).
+
+Embeddings are Gather nodes and stay fp32; ``keep_lm_head`` keeps the decoder's LM head (the MatMul whose
+weight has the vocabulary as its last dimension) fp32 too. Needs the ``onnx`` package (export extra), never
+torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest, sha256_file
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("int8", "int4")
+FORMATS = ("cpu",)
+QUANTIZABLE = ("decoder", "media_kv", "vision")
+"""Graphs ``--graphs`` may name; other graphs (diffusion, VQGAN) are linked unchanged, fp32."""
+SKIPPED = (".cache", ".ort-cache")
+"""Top-level entries never carried over: caches derived from the source graphs."""
+QUANTIZED_OPS = {"int8": ("DynamicQuantizeLinear", "MatMulInteger"), "int4": ("MatMulNBits",)}
+
+
+class QuantizeError(Exception):
+    """Bad settings or an unusable source / output directory; the message starts with the offending flag."""
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    precision: str
+    """``int8`` or ``int4``."""
+    format: str = "cpu"
+    graphs: tuple[str, ...] = QUANTIZABLE
+    block_size: int = 32
+    """int4: weights per quantization block along K (a power of two >= 16)."""
+    accuracy_level: int = 4
+    """int4: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
+    keep_lm_head: bool = False
+    """Keep the decoder's LM head MatMul in fp32."""
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+    """Further node names left in fp32."""
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise QuantizeError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.format not in FORMATS:
+            raise QuantizeError(f"--format: must be one of {', '.join(FORMATS)}, got {self.format!r} "
+                                "(the qdq format for TensorRT is not implemented yet)")
+        unknown = [g for g in self.graphs if g not in QUANTIZABLE]
+        if unknown or not self.graphs:
+            raise QuantizeError(f"--graphs: unknown graph(s) {', '.join(unknown) or '(none given)'}; choose from "
+                                f"{','.join(QUANTIZABLE)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise QuantizeError(f"--block-size: must be a power of two >= 16, got {self.block_size}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise QuantizeError(f"--accuracy-level: must be in 0..4, got {self.accuracy_level}")
+
+    def settings(self) -> dict[str, Any]:
+        """What the manifest records for one quantized graph."""
+        if self.precision == "int8":
+            return {"method": "onnxruntime.quantization.quantize_dynamic", "format": self.format,
+                    "weight_type": "int8", "activations": "uint8, dynamic per tensor", "per_channel": False,
+                    "op_types": ["MatMul"], "const_weights_only": True}
+        return {"method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                "format": self.format, "bits": 4, "block_size": self.block_size, "symmetric": True,
+                "accuracy_level": self.accuracy_level}
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise QuantizeError(f"unimp quantize needs the onnx package (pip install 'unimp-edge[export]'): {exc}") from exc
+    return onnx
+
+
+def lm_head_nodes(model: Any, vocab_size: int) -> list[str]:
+    """Names of MatMul nodes whose constant weight ends in the vocabulary dimension (the LM head)."""
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) > 1 and shapes.get(n.input[1], [0])[-1:] == [vocab_size]]
+
+
+def external_data_files(path: Path) -> list[str]:
+    """Paths (relative to the artifacts directory) of the external data files an ONNX file refers to."""
+    model = _onnx().load(str(path), load_external_data=False)
+    out: set[str] = set()
+    for init in model.graph.initializer:
+        if init.data_location == 1:  # TensorProto.EXTERNAL
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location:
+                out.add((Path(path).parent / location).as_posix())
+    return sorted(out)
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """Node count per op type of an ONNX file (top-level graph)."""
+    model = _onnx().load(str(path), load_external_data=False)
+    return dict(Counter(n.op_type for n in model.graph.node))
+
+
+@contextlib.contextmanager
+def _quiet_tooling() -> Iterator[None]:
+    """onnxruntime's quantizers log every node at INFO (``quantize_dynamic`` on the root logger, with a
+    pre-processing hint at WARNING meant for static calibration); keep that for ``unimp -v`` only."""
+    loggers = [logging.getLogger("onnxruntime.quantization"), logging.getLogger()]
+    levels = [logger.level for logger in loggers]
+    if not log.isEnabledFor(logging.DEBUG):
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str]) -> None:
+    with _quiet_tooling():
+        _quantize_graph_now(src, dst, config, exclude)
+
+
+def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str]) -> None:
+    onnx = _onnx()
+    big = src.stat().st_size > 1_800_000_000
+    if config.precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
+                         nodes_to_exclude=exclude, use_external_data_format=big,
+                         extra_options={"MatMulConstBOnly": True})
+        return
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=config.block_size, is_symmetric=True,
+                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=exclude)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carried_files(src: Path, replaced: set[str]) -> Iterator[tuple[Path, str]]:
+    for root, dirs, files in os.walk(src):
+        rel_root = Path(root).relative_to(src)
+        if rel_root == Path("."):
+            dirs[:] = [d for d in dirs if d not in SKIPPED]
+        for name in files:
+            rel = (rel_root / name).as_posix()
+            if rel == MANIFEST_NAME or rel in replaced:
+                continue
+            yield Path(root) / name, rel
+
+
+def check_output(src: Path, out: Path, force: bool) -> None:
+    """Refuse an output directory that is the source, lies inside it, or holds something (without force)."""
+    s, o = src.resolve(), out.resolve()
+    if o == s:
+        raise QuantizeError(f"--out: {out} is the source artifacts directory; write the variant elsewhere")
+    if s in o.parents:
+        raise QuantizeError(f"--out: {out} lies inside the source artifacts directory {src}")
+    if o in s.parents:
+        raise QuantizeError(f"--out: {out} contains the source artifacts directory {src}")
+    if o.exists() and not o.is_dir():
+        raise QuantizeError(f"--out: {out} exists and is not a directory")
+    if o.is_dir() and any(o.iterdir()):
+        if not force:
+            raise QuantizeError(f"--out: {out} exists and is not empty (pass --force to replace it)")
+        if not (o / MANIFEST_NAME).is_file():
+            raise QuantizeError(f"--out: {out} is not empty and not an artifacts directory; refusing to replace "
+                                "it even with --force")
+
+
+def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: bool = False,
+                       progress: bool = True) -> dict[str, Any]:
+    """Write the quantized variant of ``src`` to ``out``; returns its ``source["quantization"]`` section.
+
+    The guard is recorded as not run (``guard: None``) until ``record_guard`` writes its result.
+    """
+    from tqdm import tqdm
+
+    config.validate()
+    src, out = Path(src), Path(out)
+    try:
+        manifest = load_manifest(src, verify=True)
+    except ManifestError as exc:
+        raise QuantizeError(f"ART: {exc}") from exc
+    check_output(src, out, force)
+    missing = [g for g in config.graphs if g not in manifest.graphs]
+    if missing:
+        raise QuantizeError(f"--graphs: {', '.join(missing)} not in {src}'s manifest "
+                            f"(it has {', '.join(manifest.graphs)})")
+    if manifest.source.get("quantization"):
+        raise QuantizeError(f"ART: {src} is already a quantized variant "
+                            f"({manifest.source['quantization'].get('precision')}); quantize the fp32 source")
+    data = json.loads((src / MANIFEST_NAME).read_text(encoding="utf-8"))
+    replaced = {manifest.graphs[g].file for g in config.graphs}
+    old_data = {Path(f).relative_to(src).as_posix() for g in config.graphs
+                for f in external_data_files(src / manifest.graphs[g].file)}
+    # never link a rewritten graph's weights: the quantizer would write through the link into the source
+    replaced |= old_data
+    carried = list(_carried_files(src, replaced))
+    for rel in old_data:
+        data.get("files", {}).pop(rel, None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        bar = tqdm(total=len(carried) + len(config.graphs) + 1, desc=f"quantize {config.precision}", unit="step",
+                   disable=not progress)
+        with contextlib.closing(bar):
+            for path, rel in carried:
+                _link(path, tmp / rel)
+                bar.update(1)
+            graphs: dict[str, Any] = {}
+            for name in config.graphs:
+                entry = manifest.graphs[name]
+                bar.set_postfix_str(name)
+                exclude = list(config.exclude)
+                if name == "decoder" and config.keep_lm_head:
+                    onnx_model = _onnx().load(str(src / entry.file), load_external_data=False)
+                    exclude += lm_head_nodes(onnx_model, manifest.decoder.vocab_size)
+                dst = tmp / entry.file
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                _quantize_graph(src / entry.file, dst, config, exclude)
+                ops = op_counts(dst)
+                quantized = {op: ops.get(op, 0) for op in QUANTIZED_OPS[config.precision]}
+                settings = {**config.settings(), "excluded_nodes": exclude, "quantized_ops": quantized,
+                            "bytes_before": (src / entry.file).stat().st_size, "bytes_after": dst.stat().st_size}
+                g = data["graphs"][name]
+                g["precision"] = config.precision
+                g["sha256"] = sha256_file(dst)
+                for f in external_data_files(dst):
+                    data.setdefault("files", {})[Path(f).relative_to(tmp).as_posix()] = sha256_file(Path(f))
+                g.setdefault("extra", {})["quantization"] = settings
+                graphs[name] = settings
+                bar.update(1)
+            section = {"precision": config.precision, "format": config.format, "graphs": sorted(graphs),
+                       "source_artifacts": str(src.resolve()),
+                       "source_manifest_sha256": sha256_file(src / MANIFEST_NAME),
+                       "settings": asdict(config), "guard": None}
+            data.setdefault("source", {})["quantization"] = section
+            data["model_name"] = f"{manifest.model_name}-{config.precision}"
+            (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            bar.set_postfix_str("verify")
+            load_manifest(tmp, verify=True)
+            bar.update(1)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return section
+
+
+def guard_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``guard`` entry from an ``unimp eval --against`` report: per-task checks and verdicts."""
+    guard = report["guard"]
+    tasks: dict[str, dict[str, Any]] = {}
+    for task in report.get("tasks", []):
+        checks = [c for c in guard["checks"] if c["name"].split(" ")[0].split(".")[0] == task]
+        tasks[task] = {"passed": all(c["passed"] for c in checks), "checks": checks}
+    failed = [t for t, v in tasks.items() if not v["passed"]]
+    return {"passed": bool(guard["passed"]) and not failed, "failed_tasks": failed, "tasks": tasks,
+            "thresholds": guard["thresholds"], "differences": guard["differences"], "split": report.get("split"),
+            "users": report.get("users"), "data": report.get("data")}
+
+
+def record_guard(out: Path, summary: dict[str, Any]) -> None:
+    """Write the guard's summary into ``out``'s manifest (``source.quantization.guard``)."""
+    path = Path(out) / MANIFEST_NAME
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["source"]["quantization"]["guard"] = summary
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def guard_warning(artifacts: Path) -> str | None:
+    """A warning for ``unimp serve`` when ``artifacts`` is a quantized variant whose guard failed or did not
+    run; None for a passing variant or an unquantized directory. Reads only the manifest (no onnx import)."""
+    artifacts = Path(artifacts)
+    try:
+        data = json.loads((artifacts / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    section = (data.get("source") or {}).get("quantization")
+    if not section:
+        return None
+    guard = section.get("guard")
+    name = f"{artifacts} ({section.get('precision')} of {section.get('source_artifacts')})"
+    if guard is None:
+        return f"quantized variant {name}: its accuracy guard was not run"
+    if not guard.get("passed"):
+        return (f"quantized variant {name} FAILED its accuracy guard on "
+                f"{', '.join(guard.get('failed_tasks') or ['(see manifest)'])}")
+    return None
+
+
+def guard_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """The ``--guard-tasks`` list, checked against ``unimp eval``'s tasks."""
+    from runtime.eval.runner import TASKS
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise QuantizeError(f"--guard-tasks: unknown task(s) {', '.join(unknown) or '(none given)'}; choose from "
+                            f"{','.join(TASKS)}")
+    return tuple(tasks)
