@@ -22,7 +22,7 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 DType = Literal["float32", "float16", "int64", "int32", "bool", "uint8"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "int8", "int4"]
 
 
 class ManifestError(Exception):
