@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt $(PARITY)
 	$(PIP) install --quiet -c constraints.txt --no-deps -r $(PARITY)
 	touch $@
 
-# The trained tiny demo: synthetic shop, CPU training, export (347 CPU seconds measured, 6:07 wall on 2 busy cores). Its shop/ marks an
+# The trained tiny demo: synthetic shop, CPU training, export (measured: 3:04 wall, 338 CPU s on 2 quiet cores; 6:07 busy). Its shop/ marks an
 # export made since the demo was trained (older untrained exports have none). The malloc thresholds keep glibc from
 # mapping and unmapping every large training tensor: measured on a 40-step export, system time 14.6 s -> 2.0 s.
 $(DEMO)/shop/test.jsonl: | install
