@@ -22,7 +22,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.api import ImageProgress, ImageRequest, ImageResult
-from runtime.backends import BackendConfig, open_session
+from runtime.backends import BackendConfig, Session, open_session
 from runtime.catalog import Catalog
 from runtime.decoder.batcher import Batcher
 from runtime.decoder.core import ConcatCore, DecoderCore, InplaceCore, PrefillInput
@@ -161,15 +161,13 @@ def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
     return int(rows)
 
 
-def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig) -> DecoderCore:
-    """The decoder core for the manifest's KV layout."""
-    graphs, backend = manifest.graphs, config.backend
-    decoder = open_session(root / graphs["decoder"].file, backend)
-    media_kv = open_session(root / graphs["media_kv"].file, backend)
+def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: Session, rows: int) -> DecoderCore:
+    """The decoder core for the manifest's KV layout (``rows`` pool slots for the inplace one)."""
+    decoder = open_session(root / manifest.graphs["decoder"].file, config.backend)
     context = context_of(manifest, config)
     layout = manifest.decoder.kv_layout
     if layout == "inplace":
-        return InplaceCore(decoder, media_kv, manifest, slots=_pool_rows(manifest, config), max_context=context)
+        return InplaceCore(decoder, media_kv, manifest, slots=rows, max_context=context)
     if layout == "concat":
         return ConcatCore(decoder, media_kv, manifest, max_context=context)
     raise ValueError(f"manifest decoder.kv_layout {layout!r} is not one this runtime serves (inplace, concat)")
@@ -186,16 +184,18 @@ class Runtime:
         graphs = manifest.graphs
         self.tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
         self.vision = VisionEncoder(open_session(root / graphs["vision"].file, backend), manifest)
-        self.decoder = _open_core(root, manifest, config)
+        media_kv = open_session(root / graphs["media_kv"].file, backend)  # one session: the core and the K/V store
+        rows = _pool_rows(manifest, config)
+        self.decoder = _open_core(root, manifest, config, media_kv, rows)
         self._catalog = Catalog(root, manifest, state_dir=config.state_dir)
         cache_dir = config.latent_cache_dir or root / ".cache" / "latents"
         self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, fill=False)
-        kv = MediaKVEncoder(open_session(root / graphs["media_kv"].file, backend), manifest)
+        kv = MediaKVEncoder(media_kv, manifest)
         self.media_kv = MediaKVStore.open(default_kv_dir(cache_dir), self.latents, kv, self._catalog, fill=False)
         self.media = MediaMemory(self.vision, kv, self.media_kv)
         stores: list[ItemStore] = [self.latents, self.media_kv]
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes)
-        self.batcher = Batcher(self.decoder, config.max_active, config.max_queued, rows=_pool_rows(manifest, config))
+        self.batcher = Batcher(self.decoder, config.max_active, config.max_queued, rows=rows)
         self._vqgan = None
         self.codes = None
         if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:

@@ -239,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_catalog_encode)
 
+    from runtime.eval.cli import GUARD_FIELD_HELP
+    from runtime.eval.data import SPLITS
     from runtime.eval.guard import GuardThresholds
+    from runtime.eval.runner import TASKS
 
     p = sub.add_parser(
         "quantize", help="int8 / int4 weights: a new artifacts directory, checked by the accuracy guard",
@@ -273,20 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     guard = p.add_argument_group("accuracy guard (unimp eval OUT --against ART)")
     guard.add_argument("--skip-guard", action="store_true",
                        help="do not run the guard (the manifest records it as not run; `unimp serve` warns)")
-    guard.add_argument("--guard-split", choices=["train", "validation", "test"], default="test",
+    guard.add_argument("--guard-split", choices=SPLITS, default="test",
                        help="users the guard evaluates (default: %(default)s)")
     guard.add_argument("--guard-limit", type=int, default=None, metavar="N", help="only the split's first N users")
     guard.add_argument("--guard-data", type=Path, default=None, metavar="DIR",
                        help="directory with {train,validation,test}.jsonl (default: ART/shop)")
-    guard.add_argument("--guard-tasks", default="recommend,search,rating,explanation,selection",
+    guard.add_argument("--guard-tasks", default=",".join(TASKS),
                        help="comma-separated tasks the guard runs (default: %(default)s)")
     guard.add_argument("--guard-explain-tokens", type=int, default=64, metavar="N",
                        help="new-token limit of the guard's greedy explanations (default: %(default)s)")
-    from runtime.eval.cli import _FIELD_HELP
 
     for f in dataclasses.fields(GuardThresholds):
         guard.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, metavar="X",
-                           help=f"{_FIELD_HELP.get(f.name, '')} (default: %(default)s)")
+                           help=f"{GUARD_FIELD_HELP.get(f.name, '')} (default: %(default)s)")
     p.set_defaults(func=_quantize)
 
     try:

@@ -175,7 +175,7 @@ class InplaceCore:
             self.pool.load_prefix(start, prompt.prefix.keys, prompt.prefix.values)
         suffix = ids[p:]
         text_time = (images_before + np.cumsum(suffix == self.image_id))[None].astype(np.int64)
-        memory = self._media._batch_memory([prompt.memory])
+        memory = self._media.batch_memory([prompt.memory])
         lengths = np.array([t], np.int64)
         logits = self._run(suffix[None], lengths, text_time, np.array([len(suffix) - 1]), keys, values, memory)
         return logits[0]
@@ -237,7 +237,7 @@ class InplaceCore:
         shape = (b, self.heads, t, self.head_dim)
         kb = [HostBuffer(shape) for _ in range(self.layers)]
         vb = [HostBuffer(shape) for _ in range(self.layers)]
-        memory = self._media._batch_memory([r.memory for r in rows])
+        memory = self._media.batch_memory([r.memory for r in rows])
         # every row a first prompt (total == seq): the op reads each row's own length from seqlens_k
         return self._run(ids, lengths, text_time, lengths - 1, [x.bind(0, b) for x in kb],
                          [x.bind(0, b) for x in vb], memory)

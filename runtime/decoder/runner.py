@@ -52,7 +52,7 @@ class DecoderRunner:
         out = self.media_kv_session.run({self.m.names.media_latents: np.ascontiguousarray(latents, np.float32)})
         return [(out[k], out[v]) for k, v in self.memory_names]
 
-    def _batch_memory(self, rows: list[Memory]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def batch_memory(self, rows: list[Memory]) -> list[tuple[np.ndarray, np.ndarray]]:  # both layouts' prefill
         """Per row (M_b, h, n, dh) -> batched (B, h, max(M)*n, dh), zero images padding the short rows."""
         m = max(1, max(mem[0][0].shape[0] for mem in rows)) if self.blocks else 1
         out = []
@@ -96,7 +96,7 @@ class DecoderRunner:
         text_time = np.cumsum(ids == self.image_id, axis=1).astype(np.int64)
         empty = np.zeros((b, self.heads, 0, self.head_dim), np.float32)
         feeds = self._feeds(ids, positions, mask, text_time, [empty] * self.layers, [empty] * self.layers,
-                            self._batch_memory([r.memory for r in rows]))
+                            self.batch_memory([r.memory for r in rows]))
         logits, keys, values = self._run(feeds)
         last = [self._last_image(r.memory) for r in rows]
         state = RowState(
@@ -119,7 +119,7 @@ class DecoderRunner:
         positions = (np.arange(t, dtype=np.int64) + p)[None]
         text_time = (prefix.images + np.cumsum(suffix == self.image_id))[None].astype(np.int64)
         feeds = self._feeds(ids, positions, mask, text_time, list(prefix.keys), list(prefix.values),
-                            self._batch_memory([memory]))
+                            self.batch_memory([memory]))
         logits, keys, values = self._run(feeds)
         last, has = self._last_image(memory)
         state = RowState(keys, values, mask, np.array([p + t], np.int64),

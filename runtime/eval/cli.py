@@ -66,12 +66,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     guard.add_argument("--against", type=Path, default=None, metavar="REF_ART",
                        help="reference artifacts run on the same users; exit 1 when a check below fails")
     for f in dataclasses.fields(GuardThresholds):
-        doc = _FIELD_HELP.get(f.name, "")
+        doc = GUARD_FIELD_HELP.get(f.name, "")
         guard.add_argument(_flag(f.name), type=float, default=f.default, metavar="X",
                            help=f"{doc} (default: %(default)s)")
 
 
-_FIELD_HELP = {
+GUARD_FIELD_HELP = {
     "max_hr_diff": "largest |HR@10 difference| of recommendation and search, per decode mode",
     "min_overlap": "smallest mean top-10 item overlap with the reference, per ranking task and mode",
     "min_rating_agreement": "smallest share of requests with the reference's argmax rating",
