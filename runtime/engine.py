@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -173,6 +174,11 @@ def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: 
     raise ValueError(f"manifest decoder.kv_layout {layout!r} is not one this runtime serves (inplace, concat)")
 
 
+def _stop_threads(encoder: BackgroundEncoder, batcher: Batcher) -> None:
+    encoder.close()
+    batcher.close()
+
+
 class Runtime:
     """The serving engine. Thread-safe: the gRPC server calls it from a thread pool."""
 
@@ -207,6 +213,9 @@ class Runtime:
                                         fingerprint=self._vqgan.fingerprint, fill=False)
             stores.append(self.codes)
         self.catalog_encoder = BackgroundEncoder(stores, busy=self.media.recently_used)
+        # a process that exits without close() must not leave these threads inside onnxruntime at teardown
+        # (the C++ runtime aborts): stop them at exit; close() does it first and detaches this
+        self._exit_stop = weakref.finalize(self, _stop_threads, self.catalog_encoder, self.batcher)
         """Encodes the stores' pending catalog images while serving (see ``background_encode``)."""
         if config.background_encode:
             self.catalog_encoder.start()
@@ -243,6 +252,7 @@ class Runtime:
 
     def close(self) -> None:
         """Stop decoding and the background encoder, persist entries computed since start-up, close the catalog."""
+        self._exit_stop.detach()
         self.batcher.close()
         self.catalog_encoder.close()
         self.latents.close()

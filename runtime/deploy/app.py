@@ -184,7 +184,8 @@ def deploy_app(config: ServerConfig, options: ClusterOptions, name: str = APP_NA
 
 
 RAY_START_ATTEMPTS = 3
-"""Ray waits a fixed 30 s for its raylet to register; on a loaded machine that can pass. With a private
+"""Ray waits a fixed time for its raylet to register and for the GCS to write its port; on a loaded
+machine either can pass. With a private
 temp dir the half-started processes are identified and ended, and the start is tried again."""
 
 
@@ -199,7 +200,8 @@ def _init_ray(init: dict[str, Any], temp_dir: Path | None) -> None:
             ray.init(**init)
             return
         except Exception as exc:
-            if attempt == attempts or "timed out during startup" not in str(exc):
+            # "... timed out during startup" (raylet) or "Timed out waiting for file .../gcs_server_port_..."
+            if attempt == attempts or "timed out" not in str(exc).lower():
                 raise
             logger.warning("Ray did not start (attempt %d of %d): %s; retrying", attempt, attempts, exc)
             try:
