@@ -136,15 +136,15 @@ def _physical_memory() -> int:
         return 0
 
 
-def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
-    """KV rows (a beam each) the batcher may hand out: from ``kv_pool_bytes``; by default room for
-    ``max_active`` sequences plus one request of ``max_beams`` beams, within half the machine's memory
-    (never fewer than ``max_beams`` rows)."""
+def pool_rows(manifest: Manifest, config: RuntimeConfig, memory: int) -> int:
+    """KV rows (a beam each) the batcher may hand out on a machine with ``memory`` bytes (0: unknown): from
+    ``kv_pool_bytes``; by default room for ``max_active`` sequences plus one request of ``max_beams`` beams,
+    within half of ``memory`` (never fewer than ``max_beams`` rows). ``unimp plan`` calls it with a board's
+    memory, so the plan and the server size the pool alike."""
     beams = config.limits.max_beams
     row = pool_row_bytes(manifest, context_of(manifest, config))
     if config.kv_pool_bytes <= 0:
         rows = config.max_active + beams - 1
-        memory = _physical_memory()
         if memory and rows * row > memory // 2:
             rows = max(beams, memory // 2 // row)
             log.info("KV pool: %d rows of %.1f MB fit half of this machine's %.1f GB", rows, row / 1e6, memory / 1e9)
@@ -160,6 +160,10 @@ def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
             "raise kv_pool_bytes, lower max_context or lower limits.max_beams"
         )
     return int(rows)
+
+
+def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
+    return pool_rows(manifest, config, _physical_memory())
 
 
 def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: Session, rows: int) -> DecoderCore:

@@ -180,6 +180,14 @@ def _serve_warning(args: argparse.Namespace) -> None:
         logging.getLogger("unimp.quantize").warning("%s; serving it anyway", warning)
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from runtime.plan import add_plan_arguments, run_plan
+
+    p = sub.add_parser("plan", help="memory budget of serving ART on a board (Jetson Orin, x86 + GPU): what fits")
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -307,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("client", help="call the server")
         add_client_arguments(p)
         p.set_defaults(func=run_client)
+
+    _add_plan(sub)
 
     from runtime.eval.cli import add_eval_arguments, run_eval
 
