@@ -188,6 +188,14 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_plan)
 
 
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    from runtime.doctor import add_doctor_arguments, run_doctor
+
+    p = sub.add_parser("doctor", help="what this machine can run (providers, GPU, TensorRT); --bench: time each path")
+    add_doctor_arguments(p)
+    p.set_defaults(func=run_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -317,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=run_client)
 
     _add_plan(sub)
+    _add_doctor(sub)
 
     from runtime.eval.cli import add_eval_arguments, run_eval
 
