@@ -156,8 +156,10 @@ def check_engines(artifacts: Path | None) -> dict[str, Any]:
     from runtime.manifest import load_manifest
 
     manifest = load_manifest(artifacts, verify=False)
-    raw = json.loads((Path(artifacts) / "manifest.json").read_text(encoding="utf-8"))
-    listed = sorted(raw.get("engines") or {})
+    listed = sorted(getattr(manifest, "engines", None) or {})
+    if not listed:  # a manifest reader that predates the engines section
+        raw = json.loads((Path(artifacts) / "manifest.json").read_text(encoding="utf-8"))
+        listed = sorted(raw.get("engines") or {})
     if not listed:
         return {"checked": False, "present": False, "reason": "the manifest lists no TensorRT engines (build them "
                 f"on this machine with `unimp build-engines {artifacts}`)", "engines": []}
@@ -353,6 +355,7 @@ def render_text(report: Report) -> str:
                     f"{g['driver_version']}, runtime {g['runtime_version']}" if g.get("available")
                     else f"unavailable: {g.get('reason')}")),
         "tensorrt: " + (f"{t.get('version')}" if t.get("available") else f"unavailable: {t.get('reason')}"),
+        f"cuda-python: {g.get('cuda_python') or 'not installed'}",
     ]
     e = report.engines
     if e.get("checked"):
@@ -363,7 +366,10 @@ def render_text(report: Report) -> str:
         lines.append(f"engines: not checked: {e.get('reason')}")
     lines.append("paths:")
     for p in report.paths:
-        lines.append(f"  {p.name:<13} {'available' if p.available else 'unavailable: ' + p.reason}")
+        state = "available" if p.available else f"unavailable: {p.reason}"
+        if p.available and p.name != "cpu" and not p.bench:
+            state += " (the provider is listed; only a run proves it works: --bench)"
+        lines.append(f"  {p.name:<13} {state}")
         if p.bench and "error" not in p.bench:
             lines.append("    " + ", ".join(f"{label} {_bench_value(p.bench, key)}" for key, label in BENCH_COLUMNS))
         elif p.bench:

@@ -71,7 +71,10 @@ def test_engine_mismatch_names_the_rebuild(tiny_artifacts: Path, tmp_path: Path,
     art = tmp_path / "art"
     art.mkdir()
     data = json.loads((tiny_artifacts / "manifest.json").read_text())
-    data["engines"] = {"decoder": {"file": "engines/decoder.engine"}, "vision": {"file": "engines/vision.engine"}}
+    key = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7", "precision": "fp16",
+           "profile_hash": "0" * 64, "graph_sha256": "0" * 64}
+    data["engines"] = {g: {"file": f"engines/{g}.engine", "sha256": "", "key": key, "profiles": []}
+                       for g in ("decoder", "vision")}
     (art / "manifest.json").write_text(json.dumps(data))
     fake = types.ModuleType("runtime.backends.engines")
     fake.check_engines = lambda manifest, root: [  # type: ignore[attr-defined]
