@@ -17,15 +17,15 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from runtime.boards import GB, Board
-from runtime.engine import RuntimeConfig, context_of, pool_row_bytes, pool_rows
 from runtime.manifest import Manifest, load_manifest
-from runtime.vision.encoder import LATENT_DTYPE
-from runtime.vision.media_kv import KV_DTYPE
+
+if TYPE_CHECKING:  # runtime.engine is imported when a plan is made, not when the CLI parser is built
+    from runtime.engine import RuntimeConfig
 
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[Precision, ...] = ("fp32", "fp16", "int8", "int4")
@@ -189,11 +189,15 @@ def catalog_images(root: Path, manifest: Manifest) -> int:
 
 def latent_bytes_per_image(manifest: Manifest) -> int:
     """One image's media latents as the latent store keeps them: (num_latents, width)."""
+    from runtime.vision.encoder import LATENT_DTYPE
+
     return manifest.vision.num_latents * manifest.vision.width * np.dtype(LATENT_DTYPE).itemsize
 
 
 def media_kv_bytes_per_image(manifest: Manifest) -> int:
     """One image's cross-attention K/V as the K/V store keeps them: (blocks, 2, h, n, dh)."""
+    from runtime.vision.media_kv import KV_DTYPE
+
     d = manifest.decoder
     blocks = len(d.xattn_layers)
     return blocks * 2 * d.xattn_heads * manifest.vision.num_latents * d.xattn_head_dim * np.dtype(KV_DTYPE).itemsize
@@ -225,6 +229,8 @@ def _weights(root: Path, manifest: Manifest, precision: Precision | None, diffus
 def kv_split(manifest: Manifest, context: int, itemsize: int) -> tuple[int, int]:
     """(self-attention K/V, last-image cross-attention K/V) bytes of one pool row at ``itemsize`` bytes per value;
     at float32 their sum is ``runtime.engine.pool_row_bytes``."""
+    from runtime.engine import pool_row_bytes
+
     d = manifest.decoder
     row = pool_row_bytes(manifest, context)  # float32
     memory = 4 * 2 * len(d.xattn_layers) * d.xattn_heads * manifest.vision.num_latents * d.xattn_head_dim
@@ -235,6 +241,8 @@ def make_plan(root: str | Path, board: Board, settings: PlanSettings | None = No
               config: RuntimeConfig | None = None) -> Plan:
     """The budget of serving ``root`` on ``board``; ``config``: the server's engine settings (default:
     `unimp serve`'s defaults)."""
+    from runtime.engine import RuntimeConfig, context_of, pool_rows
+
     root = Path(root)
     settings = settings or PlanSettings()
     config = config or RuntimeConfig()
@@ -320,6 +328,8 @@ def _fits_with(root: Path, board: Board, settings: PlanSettings, config: Runtime
 
 def suggest(plan: Plan, config: RuntimeConfig | None = None) -> list[str]:
     """What would make ``plan`` fit (each change tried alone, through ``make_plan``)."""
+    from runtime.engine import RuntimeConfig, pool_row_bytes
+
     config = config or RuntimeConfig()
     root, board, s = Path(plan.artifacts), plan.board, plan.settings
     if plan.fits:
@@ -413,6 +423,7 @@ def render(plan: Plan) -> str:
 
 def runtime_config_from_server(path: Path | None) -> RuntimeConfig:
     """The engine settings `unimp serve --config FILE` (or its defaults) runs with."""
+    from runtime.engine import RuntimeConfig
     from runtime.server.config import load_config
 
     server = load_config(path)
