@@ -40,8 +40,9 @@ DIFFUSION_GRAPHS = ("text_encoder", "unet", "vae_decoder")
 VQGAN_GRAPHS = ("vqgan_encoder", "vqgan_decoder")
 
 PROCESS_BYTES = 400 * 10**6
-"""Python interpreter, numpy, onnxruntime, gRPC and the tokenizer (estimate; about 0.3 GB of RSS was seen on
-x86 with the tiny demo loaded, more with a GPU provider's libraries)."""
+"""Python interpreter, numpy, onnxruntime, gRPC and the tokenizer (estimate with headroom: a process with the
+server modules imported and the tiny demo opened peaked at 119 MB RSS on x86, AMD EPYC, onnxruntime 1.32 CPU;
+a GPU provider's CUDA / cuDNN / TensorRT libraries add to it by an amount not measured here)."""
 GPU_CONTEXT_BYTES = 600 * 10**6
 """CUDA context plus cuBLAS / cuDNN / TensorRT libraries and workspaces on a GPU path (estimate, unverified)."""
 SCRATCH_FRACTION = 0.10
