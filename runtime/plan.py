@@ -242,7 +242,7 @@ def make_plan(root: str | Path, board: Board, settings: PlanSettings | None = No
               config: RuntimeConfig | None = None) -> Plan:
     """The budget of serving ``root`` on ``board``; ``config``: the server's engine settings (default:
     `unimp serve`'s defaults)."""
-    from runtime.engine import RuntimeConfig, context_of, pool_rows
+    from runtime.engine import RuntimeConfig, SettingsError, context_of, pool_rows
 
     root = Path(root)
     settings = settings or PlanSettings()
@@ -264,7 +264,10 @@ def make_plan(root: str | Path, board: Board, settings: PlanSettings | None = No
             raise PlanError(f"--slots: must be >= 1, got {settings.slots}")
         slots = settings.slots
     else:
-        slots = pool_rows(manifest, config, board.total_memory)
+        try:
+            slots = pool_rows(manifest, config, board.total_memory)
+        except SettingsError as exc:
+            raise PlanError(f"engine.{exc}") from exc
     reserved = board.reserved_bytes if settings.reserved_bytes is None else settings.reserved_bytes
     device: Literal["device", "host"] = "device"
     host: Literal["device", "host"] = "device" if board.unified_memory else "host"
@@ -314,6 +317,9 @@ def _notes(plan: Plan, manifest: Manifest, config: RuntimeConfig) -> list[str]:
     if any(line.estimate and line.group == "weights" for line in plan.lines):
         notes.append("scaled weights are estimates: run `unimp quantize` (int8 / int4) or build the fp16 engines and "
                      "plan the result for file sizes")
+    if plan.slots < config.limits.max_beams:
+        notes.append(f"{plan.slots} KV rows are fewer than limits.max_beams ({config.limits.max_beams}): `unimp "
+                     "serve` refuses such a pool; lower limits.max_beams too")
     if plan.settings.slots is None:
         notes.append(f"{plan.slots} KV rows: engine.max_active {config.max_active} + limits.max_beams "
                      f"{config.limits.max_beams} - 1, as `unimp serve` allocates them (--slots to change)")

@@ -115,3 +115,7 @@ def test_bad_options_name_the_option(tiny_artifacts: Path, capsys: pytest.Captur
         make_plan(tiny_artifacts, get_board("orin-nano-8gb"), PlanSettings(slots=0))
     assert main(["plan", str(tiny_artifacts), "--board", "orin-nano-8gb", "--reserve-gb", "-1"]) == 2
     assert capsys.readouterr().err.startswith("error: --reserve-gb: must be >= 0")
+    with pytest.raises(PlanError, match=r"^engine\.kv_pool_bytes: 1000 bytes hold 0 KV rows"):
+        make_plan(tiny_artifacts, get_board("orin-nano-8gb"), config=RuntimeConfig(kv_pool_bytes=1000))
+    few = make_plan(tiny_artifacts, get_board("orin-nano-8gb"), PlanSettings(slots=2))
+    assert any("fewer than limits.max_beams (16)" in note for note in few.notes)
