@@ -35,7 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:  # Python 3.11+; JetPack 6 ships 3.10, where the tomli backport reads TOML
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from runtime.limits import Limits
 
