@@ -183,7 +183,7 @@ class PinnedHost:
             self.nbytes = max(need, 1)
         raw = (ctypes.c_ubyte * max(need, 1)).from_address(self.address)
         # uint8 first, then .view(dtype): ctypes has no float16/bfloat16 type
-        return np.frombuffer(raw, np.uint8, need).view(dtype).reshape(shape)
+        return np.frombuffer(memoryview(raw), np.uint8, need).view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.address:
