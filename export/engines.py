@@ -19,10 +19,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.backends.engines import Profile, engine_key, engine_profiles
 from runtime.manifest import MANIFEST_NAME, EngineEntry, Manifest, ManifestError, load_manifest, sha256_file
+
+if TYPE_CHECKING:
+    import tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +118,15 @@ def _progress_monitor(trt: Any, bar: Any) -> Any:
     return Monitor()
 
 
-def build_engine(
+def build_plan(
     trt: Any, onnx_path: Path, profiles: list[Profile], config: BuildConfig, timing_cache: Path, *,
     graph: str, bar: Any = None,
 ) -> bytes:
     """One serialized engine: strongly typed network, the given profiles, the timing cache loaded and saved."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    logger: tensorrt.Logger = trt.Logger(trt.Logger.WARNING)
+    builder: tensorrt.Builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
+    parser: tensorrt.OnnxParser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # the path form also resolves external-data weights
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise BuildError(f"graphs.{graph} ({onnx_path.name}): TensorRT {trt.__version__}'s ONNX parser rejected it: "
@@ -207,7 +210,7 @@ def build_engines(artifacts: Path | str, config: BuildConfig) -> dict[str, Engin
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
         started = time.perf_counter()
-        plan = build_engine(trt, root / entry.file, profiles, config, timing, graph=graph, bar=bar)
+        plan = build_plan(trt, root / entry.file, profiles, config, timing, graph=graph, bar=bar)
         file = out / f"{graph}.engine"
         tmp = file.with_suffix(".engine.tmp")
         tmp.write_bytes(plan)

@@ -32,6 +32,8 @@ from runtime.backends.buffers import Binding
 from runtime.types import Unavailable
 
 if TYPE_CHECKING:
+    import tensorrt
+
     from runtime.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -136,11 +138,11 @@ class TensorRTSession:
             plan = path.read_bytes()
         except OSError as exc:
             raise Unavailable(f"cannot read TensorRT engine {path}: {exc}") from exc
-        engine = self._runtime.deserialize_cuda_engine(plan)
+        engine: tensorrt.ICudaEngine | None = self._runtime.deserialize_cuda_engine(plan)
         if engine is None:
             raise Unavailable(f"TensorRT {trt.__version__} could not deserialize {path} (built by another TensorRT "
                               "version or for another GPU?): rebuild it with `unimp build-engines`")
-        self._engine = engine
+        self._engine: tensorrt.ICudaEngine = engine
         self._path = path
         self._stream = cuda.Stream()
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -163,7 +165,7 @@ class TensorRTSession:
                 lo, _opt, hi = engine.get_tensor_profile_shape(n, p)
                 ranges[n] = (tuple(int(x) for x in lo), tuple(int(x) for x in hi))
             self._ranges.append(ranges)
-        self._contexts = []
+        self._contexts: list[tensorrt.IExecutionContext] = []
         for p in range(count):
             ctx = engine.create_execution_context()
             if ctx is None:
@@ -267,7 +269,7 @@ class TensorRTSession:
                              "the engine with wider profiles")
         return best
 
-    def _set_shapes(self, ctx: Any, shapes: dict[str, tuple[int, ...]], bound: dict[str, Binding]) -> dict[str, tuple[int, ...]]:
+    def _set_shapes(self, ctx: tensorrt.IExecutionContext, shapes: dict[str, tuple[int, ...]], bound: dict[str, Binding]) -> dict[str, tuple[int, ...]]:
         for n in self._dynamic:
             if not ctx.set_input_shape(n, shapes[n]):
                 raise ValueError(f"{self._path.name}: TensorRT refused the shape {list(shapes[n])} for input {n!r}")
@@ -281,7 +283,7 @@ class TensorRTSession:
         return out_shapes
 
     def _execute(
-        self, ctx: Any, io: dict[str, _Device], arrays: dict[str, np.ndarray], bound: dict[str, Binding],
+        self, ctx: tensorrt.IExecutionContext, io: dict[str, _Device], arrays: dict[str, np.ndarray], bound: dict[str, Binding],
         host_bound: dict[str, Binding], outputs: list[str], out_shapes: dict[str, tuple[int, ...]],
     ) -> dict[str, np.ndarray]:
         rt = cuda.cudart()
@@ -335,7 +337,7 @@ class TensorRTSession:
         stream.synchronize()
         return {n: np.array(v) for n, v in views.items()}
 
-    def _capture(self, key: tuple[Any, ...], ctx: Any, io: dict[str, _Device],
+    def _capture(self, key: tuple[Any, ...], ctx: tensorrt.IExecutionContext, io: dict[str, _Device],
                  out_shapes: dict[str, tuple[int, ...]]) -> None:
         """Capture the context's enqueue (shapes and addresses already set, run once) as a CUDA graph."""
         rt = cuda.cudart()
