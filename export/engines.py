@@ -193,10 +193,13 @@ def build_engines(artifacts: Path | str, config: BuildConfig) -> dict[str, Engin
     out = Path(config.out) if config.out is not None else root / "engines"
     out.mkdir(parents=True, exist_ok=True)
     timing = config.timing_cache or out / f"timing-{_slug(gpu.name)}-trt{_slug(version)}.cache"
-    if ("decoder" in graphs and manifest.decoder.kv_layout == "inplace"
-            and _version_tuple(version) < INPLACE_MIN_TENSORRT):
-        log.warning("TensorRT %s predates TensorScatter import (10.15): the inplace decoder may not parse; export "
-                    "with --kv-layout concat for this TensorRT (JetPack 6 ships 10.3)", version)
+    if "decoder" in graphs and manifest.decoder.kv_layout == "inplace":
+        if manifest.decoder.attention == "gqa":
+            log.warning("the decoder uses com.microsoft.GroupQueryAttention, an onnxruntime contrib op that "
+                        "TensorRT's ONNX parser does not import; export it with --kv-layout concat for TensorRT")
+        elif _version_tuple(version) < INPLACE_MIN_TENSORRT:
+            log.warning("TensorRT %s predates TensorScatter import (10.15): the inplace decoder may not parse; "
+                        "export with --kv-layout concat for this TensorRT (JetPack 6 ships 10.3)", version)
     log.info("building %s on %s with TensorRT %s", ", ".join(graphs), cuda.describe(gpu), version)
     from tqdm import tqdm
 
