@@ -151,6 +151,8 @@ class TensorRTSession:
         self._input_set = set(self._inputs)
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
         self._dynamic = {n for n in self._inputs if any(int(d) < 0 for d in engine.get_tensor_shape(n))}
+        # inputs whose values decide output shapes (shape tensors): TensorRT reads them from host memory
+        self._shape_inputs = {n for n in self._inputs if engine.is_shape_inference_io(n)}
         self._aliases = dict(aliases or {})
         for out, inp in self._aliases.items():
             if out not in self._outputs or inp not in self._input_set:
@@ -220,7 +222,7 @@ class TensorRTSession:
         p = self._select_profile(shapes)
         self.last_profile = p
         host_bound = {n: b for n, b in bound.items() if b.device != "cuda"}
-        graphable = (self._cuda_graphs and reuse and not host_bound
+        graphable = (self._cuda_graphs and reuse and not host_bound and not self._shape_inputs
                      and self._profile_names[p] == "decode")
         key = (p, tuple(sorted(shapes.items())), tuple(sorted((n, b.address) for n, b in bound.items())),
                tuple(outputs))
@@ -229,8 +231,12 @@ class TensorRTSession:
             self._graphs.move_to_end(key)
             return self._launch(captured, arrays, outputs)
         ctx = self._contexts[p]
-        out_shapes = self._set_shapes(ctx, shapes, bound)
         io = {} if graphable else self._io[p]
+        for n in self._shape_inputs & set(arrays):
+            staged = io.setdefault(n, _Device()).pinned.view(arrays[n].shape, arrays[n].dtype)
+            staged[...] = arrays[n]
+            ctx.set_tensor_address(n, io[n].pinned.address)
+        out_shapes = self._set_shapes(ctx, shapes, bound)
         result = self._execute(ctx, io, arrays, bound, host_bound, outputs, out_shapes)
         if graphable:
             self._capture(key, ctx, io, out_shapes)
@@ -290,6 +296,8 @@ class TensorRTSession:
         stream = self._stream
         h2d, d2h = rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for n, a in arrays.items():
+            if n in self._shape_inputs:
+                continue  # already in pinned host memory, bound before infer_shapes
             dev = io.setdefault(n, _Device())
             address = dev.ensure(a.nbytes, stream)
             staged = dev.pinned.view(a.shape, a.dtype)

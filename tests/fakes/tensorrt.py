@@ -79,6 +79,8 @@ class FakeTensor:
     dtype: DataType
     shape: tuple[int, ...]
     """-1 for dynamic dims."""
+    shape_io: bool = False
+    """A shape tensor: its values are read from host memory."""
 
 
 Compute = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -126,7 +128,13 @@ class FakeContext:
         t = self.engine.tensor(name)
         if t.mode == TensorIOMode.INPUT:
             return self._input_shape(t)
-        return self.engine.plan.shape_fn({i.name: self._input_shape(i) for i in self.engine.inputs})[name]
+        shapes: dict[str, Any] = {i.name: self._input_shape(i) for i in self.engine.inputs}
+        for i in self.engine.inputs:
+            if i.shape_io:  # the values, read from host memory now (as TensorRT does in infer_shapes)
+                nbytes = int(math.prod(self._input_shape(i))) * np.dtype(_NP[i.dtype]).itemsize
+                raw = ctypes.string_at(self.addresses[i.name], nbytes)
+                shapes[i.name + ":value"] = np.frombuffer(raw, _NP[i.dtype]).reshape(self._input_shape(i))
+        return self.engine.plan.shape_fn(shapes)[name]
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         self.addresses[name] = int(address)
@@ -143,7 +151,10 @@ class FakeContext:
         tensors = {t.name: t for t in self.engine.plan.tensors}
         for name, shape in shapes.items():
             nbytes = int(math.prod(shape)) * np.dtype(_NP[tensors[name].dtype]).itemsize
-            fake.check_device(addresses[name], nbytes)
+            if tensors[name].shape_io:
+                assert addresses[name] in fake.pinned, f"shape tensor {name} must be in pinned host memory"
+            else:
+                fake.check_device(addresses[name], nbytes)
 
         def op() -> None:
             feeds = {}
@@ -192,6 +203,9 @@ class FakeEngine:
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         return self.tensor(name).shape
+
+    def is_shape_inference_io(self, name: str) -> bool:
+        return self.tensor(name).shape_io
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
         return self.plan.profiles[profile][name]

@@ -200,3 +200,21 @@ def test_engine_key_mismatch_refuses_with_rebuild_command(tiny_artifacts: Path, 
     assert "built for TensorRT 10.3.0.30 on Orin (sm 8.7), this is TensorRT 10.8.0.43 on Fake GPU (sm 8.7)" in msg
     assert f"unimp build-engines {root} --graphs vision" in msg
     assert not trt.engines  # refused before deserializing
+
+
+def test_shape_tensor_inputs_are_read_from_host_memory(tmp_path: Path, fakes: tuple) -> None:
+    cudart, trt = fakes
+    plan = FakePlan([FakeTensor("x", IN, DataType.FLOAT, (-1,)), FakeTensor("n", IN, DataType.INT32, (), shape_io=True),
+                     FakeTensor("y", OUT, DataType.FLOAT, (-1,))],
+                    [{"x": ((1,), (4,), (8,))}],
+                    lambda s: {"y": (int(s["n:value"]),)},  # the output's length is the value of n
+                    lambda f: {"y": np.full(int(f["n"]), f["x"].sum(), np.float32)})
+    path = tmp_path / "shape.engine"
+    path.write_bytes(trt.register(plan))
+    s = TensorRTSession(path, CFG, profile_names=["decode"])
+    ctx = trt.engines[-1].contexts[0]
+    out = s.run({"x": np.ones(3, np.float32), "n": np.array(5, np.int32)})
+    np.testing.assert_array_equal(out["y"], np.full(5, 3.0))
+    assert ctx.addresses["n"] in cudart.pinned and ctx.addresses["x"] in cudart.device
+    s.run_bound({"x": np.ones(2, np.float32), "n": np.array(2, np.int32)}, {}, ["y"], reuse=True)
+    assert s.captured_graphs == 0  # shape tensors change shapes: never graphed
