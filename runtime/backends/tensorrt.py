@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,13 @@ class TensorRTSession:
         self._inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in names if n not in set(self._inputs)]
         self._input_set = set(self._inputs)
-        self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in names}
+        self._dtypes = {}
+        for n in names:
+            try:
+                self._dtypes[n] = np.dtype(trt.nptype(engine.get_tensor_dtype(n)))
+            except TypeError as exc:  # bf16 / fp8 / int4 I/O: numpy has no such type
+                raise Unavailable(f"{path.name}: tensor {n!r} is {engine.get_tensor_dtype(n)}, which numpy cannot "
+                                  "hold; export the graph with fp16 or fp32 inputs and outputs") from exc
         self._dynamic = {n for n in self._inputs if any(int(d) < 0 for d in engine.get_tensor_shape(n))}
         # inputs whose values decide output shapes (shape tensors): TensorRT reads them from host memory
         self._shape_inputs = {n for n in self._inputs if engine.is_shape_inference_io(n)}
@@ -178,6 +185,7 @@ class TensorRTSession:
         self._io: list[dict[str, _Device]] = [{} for _ in range(count)]
         self._cuda_graphs = cuda_graphs
         self._graphs: OrderedDict[tuple[Any, ...], _Captured] = OrderedDict()
+        self._lock = threading.Lock()
         self.last_profile = -1
         """Index of the profile the last call ran on (tests, logs)."""
         log.info("loaded TensorRT engine %s (%d profiles: %s) on %s", path.name, count,
@@ -209,10 +217,19 @@ class TensorRTSession:
     def run_bound(
         self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str], *, reuse: bool = False
     ) -> dict[str, np.ndarray]:
+        with self._lock:  # an execution context runs one call at a time
+            return self._run_bound(feeds, bound, outputs, reuse)
+
+    def _run_bound(
+        self, feeds: dict[str, np.ndarray], bound: dict[str, Binding], outputs: list[str], reuse: bool
+    ) -> dict[str, np.ndarray]:
         bound = self._with_aliases(bound)
         unknown = [n for n in [*feeds, *bound] if n not in self._dtypes]
         if unknown:
             raise ValueError(f"{self._path.name} has no tensor named {unknown[0]!r}")
+        for n, b in bound.items():
+            if np.dtype(b.dtype) != self._dtypes[n]:
+                raise ValueError(f"{n} is bound as {np.dtype(b.dtype)} but the engine's tensor is {self._dtypes[n]}")
         missing = [n for n in self._inputs if n not in feeds and n not in bound]
         if missing:
             raise ValueError(f"{self._path.name}: input {missing[0]!r} is neither fed nor bound")

@@ -218,3 +218,12 @@ def test_shape_tensor_inputs_are_read_from_host_memory(tmp_path: Path, fakes: tu
     assert ctx.addresses["n"] in cudart.pinned and ctx.addresses["x"] in cudart.device
     s.run_bound({"x": np.ones(2, np.float32), "n": np.array(2, np.int32)}, {}, ["y"], reuse=True)
     assert s.captured_graphs == 0  # shape tensors change shapes: never graphed
+
+
+def test_bound_dtype_must_match_the_engine(tmp_path: Path, fakes: tuple) -> None:
+    _, trt = fakes
+    s = _session(tmp_path, trt)
+    half = s.allocate((1, H, CAP, D), np.float16)
+    with pytest.raises(ValueError, match=r"past_key\.0 is bound as float16 but the engine's tensor is float32"):
+        s.run_bound({"input_ids": np.ones((1, 1), np.int64), "seqlens_k": np.zeros(1, np.int32)},
+                    {"past_key.0": half.bind(0, 1)}, ["logits"])
