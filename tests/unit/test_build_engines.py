@@ -107,3 +107,23 @@ def test_without_tensorrt_fails_at_once(art: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # an installed stub package
     assert main(["build-engines", str(art), "--quiet"]) == 1
     assert "not TensorRT (no tensorrt.Builder)" in capsys.readouterr().err
+
+
+def test_docs_agree_with_the_help() -> None:
+    import argparse
+
+    from unimp.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices["build-engines"]
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--") and o not in ("--help", "--quiet")]
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "tensorrt.md").read_text(encoding="utf-8")
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith("| `unimp build-engines"))
+    assert len(flags) == 6
+    for flag in flags:
+        assert f"{flag}" in doc, flag
+        assert f"[{flag}" in row, flag
+    assert f"`--workspace-gb` (default {parser.get_default('workspace_gb'):g})" in doc
+    assert f"{parser.get_default('opt_level')} is TensorRT's default" in doc
