@@ -78,6 +78,7 @@ class _Device:
             if self.address:
                 sync.synchronize()
                 cuda.check(rt.cudaFree(self.address))
+                nbytes = max(nbytes, self.nbytes * 3 // 2)  # growing tensors (concat KV): not one malloc per step
             self.address = int(cuda.check(rt.cudaMalloc(max(nbytes, 1))))
             self.nbytes = max(nbytes, 1)
         return self.address
