@@ -1,4 +1,4 @@
-"""The ``unimp`` command: export, validate, catalog encode, quantize, serve, client, eval, bench.
+"""The ``unimp`` command: export, validate, catalog encode, quantize, build-engines, serve, client, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -195,6 +195,25 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     add_doctor_arguments(p)
     p.set_defaults(func=run_doctor)
 
+def _build_engines(args: argparse.Namespace) -> int:
+    from export.engines import main as build_main
+
+    return build_main(args)
+
+
+def _add_build_engines(sub: argparse._SubParsersAction) -> None:
+    from export.engines import add_arguments
+
+    p = sub.add_parser(
+        "build-engines", help="TensorRT engines for this GPU from the ONNX graphs, recorded in the manifest",
+        description="Build one TensorRT engine per graph of ART on this machine's GPU (strongly typed: precision "
+                    "comes from the ONNX graphs; the decoder gets a prefill and a decode profile), with a timing "
+                    "cache, and record each engine in ART's manifest with its key (TensorRT version, GPU, "
+                    "precision, profiles, graph sha256). `unimp serve --provider tensorrt` then runs them and "
+                    "refuses an engine built for another TensorRT or GPU. Needs TensorRT and an NVIDIA GPU.")
+    add_arguments(p)
+    p.set_defaults(func=_build_engines)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimp", description="UniMP Edge: export and serve UniMP personalization models.")
@@ -306,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         guard.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, metavar="X",
                            help=f"{GUARD_FIELD_HELP.get(f.name, '')} (default: %(default)s)")
     p.set_defaults(func=_quantize)
+    _add_build_engines(sub)
 
     try:
         from runtime.server.cli_commands import (
