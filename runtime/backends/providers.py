@@ -89,7 +89,7 @@ def profile_shapes(graph: GraphEntry) -> dict[str, dict[str, list[int]]]:
         missing = [d for d in dynamic if d not in ranges]
         if missing:
             raise ManifestError(
-                f"graphs.{graph.file}.profiles.{spec.name}: no TensorRT profile for the dynamic input "
+                f"graphs.{Path(graph.file).stem}.profiles.{spec.name}: no TensorRT profile for the dynamic input "
                 f"{spec.name} {spec.shape} and no other input gives a range for {missing}; re-export the "
                 "artifacts with profiles for every dynamic input"
             )

@@ -73,7 +73,7 @@ def test_profile_strings_complete_dynamic_inputs_and_skip_static_ones() -> None:
 
 def test_dynamic_input_without_any_range_is_refused() -> None:
     graph = _graph(inputs=[*_graph().inputs, TensorSpec("extra", "int64", ["rows"])])
-    with pytest.raises(ManifestError, match=r"^graphs\.decoder\.onnx\.profiles\.extra: .*\['rows'\]"):
+    with pytest.raises(ManifestError, match=r"^graphs\.decoder\.profiles\.extra: .*\['rows'\]"):
         profile_shapes(graph)
 
 
