@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from runtime.backends.base import BackendConfig, Session
+from runtime.manifest import GraphEntry
 
 if TYPE_CHECKING:
     from runtime.manifest import Manifest
@@ -15,12 +16,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def open_session(path: Path, config: BackendConfig) -> Session:
+def open_session(path: Path, config: BackendConfig, graph: GraphEntry | None = None, *,
+                 decode_graph: bool = False) -> Session:
     """Open ``path`` with the backend the config names.
 
     Provider ``tensorrt``: a .engine/.plan file, or an ONNX graph whose artifacts manifest lists a TensorRT
     engine for it (``unimp build-engines``), runs on native TensorRT; any other ONNX graph on ONNX Runtime's
-    TensorRT execution provider.
+    TensorRT execution provider. ``graph``: the file's manifest entry (the execution providers' profiles and
+    engine cache key come from it); ``decode_graph``: the session runs the fixed-shape decode step (CUDA
+    graphs with ``config.cuda_graph``).
     """
     path = Path(path)
     if config.provider == "tensorrt":
@@ -30,15 +34,37 @@ def open_session(path: Path, config: BackendConfig) -> Session:
             return TensorRTSession(path, config)
         found = _engine_for(path)
         if found is not None:
-            root, graph = found
+            root, key = found
             from runtime.manifest import load_manifest
 
             manifest = load_manifest(root, verify=False)
-            return TensorRTSession(root / manifest.engines[graph].file, config, manifest=manifest, root=root,
-                                   graph=graph, aliases=_aliases(manifest, graph))
+            return TensorRTSession(root / manifest.engines[key].file, config, manifest=manifest, root=root,
+                                   graph=key, aliases=_aliases(manifest, key))
     from runtime.backends.ort import OrtSession
 
-    return OrtSession(path, config)
+    return OrtSession(path, config, graph, decode_graph=decode_graph)
+
+
+def uses_native_engines(config: BackendConfig, manifest: Manifest | None) -> bool:
+    """Provider ``tensorrt`` with an engine in the manifest for every graph: nothing runs on onnxruntime."""
+    return (config.provider == "tensorrt" and manifest is not None and bool(manifest.engines)
+            and set(manifest.graphs) <= set(manifest.engines))
+
+
+def require_backend(config: BackendConfig, manifest: Manifest | None = None) -> None:
+    """Refuse, before anything loads, a provider this machine cannot run, naming what is missing. Native
+    TensorRT engines need the tensorrt package and a CUDA device, not onnxruntime-gpu; any graph left to
+    onnxruntime needs its execution provider (runtime.backends.ort.require_provider)."""
+    if uses_native_engines(config, manifest):
+        from runtime.backends.cuda import probe
+        from runtime.backends.tensorrt import tensorrt_module
+
+        tensorrt_module()
+        probe(config.device_id)
+        return
+    from runtime.backends.ort import require_provider
+
+    require_provider(config)
 
 
 def _engine_for(path: Path) -> tuple[Path, str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -115,3 +116,28 @@ def test_check_engines(tiny_artifacts: Path, tmp_path: Path, monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # type: ignore[arg-type]
     [notrt] = engines.check_engines(m, root)
     assert not notrt.ok and "tensorrt package is not installed" in notrt.reason
+
+
+def test_native_engines_need_tensorrt_not_onnxruntime_gpu(tiny_artifacts: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Engines for every graph: the startup check asks for TensorRT (not the ORT TensorRT EP); a graph left
+    to onnxruntime keeps the execution-provider check."""
+    import dataclasses
+
+    from runtime.backends.base import BackendConfig
+    from runtime.backends.factory import require_backend, uses_native_engines
+    from runtime.manifest import EngineEntry, load_manifest
+    from runtime.types import Unavailable
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+    manifest = load_manifest(tiny_artifacts, verify=False)
+    key = engines.EngineKey("10.8.0", "NVIDIA L4", "8.9", "fp32", "p", "g")
+    every = dataclasses.replace(manifest, engines={g: EngineEntry(f"engines/{g}.plan", "s", key) for g in manifest.graphs})
+    some = dataclasses.replace(manifest, engines={"vision": every.engines["vision"]})
+    trt = BackendConfig(provider="tensorrt")
+    assert uses_native_engines(trt, every) and not uses_native_engines(trt, some)
+    assert not uses_native_engines(BackendConfig(provider="cuda"), every)
+    with pytest.raises(Unavailable, match="tensorrt package is not installed"):
+        require_backend(trt, every)
+    with pytest.raises(Unavailable, match="TensorrtExecutionProvider"):
+        require_backend(trt, some)
