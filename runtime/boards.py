@@ -56,7 +56,7 @@ class Board:
 #   JetPack 6.x ... must remain on a TensorRT 10.x release"].
 _JP6 = SoftwareStack(
     "JetPack 6.2", tensorrt="10.3", cuda="12.6", python="3.10",
-    note="Python 3.10 is below this package's requires-python (3.11): see docs/jetson.md",
+    note="the runtime runs on its Python 3.10; export artifacts on a Python 3.11 machine (docs/jetson.md)",
 )
 # JetPack 7.2 adds Orin with CUDA 13.2 and Python 3.12 [Seeed guide; TensorRT Edge-LLM 0.8.0 overview]; TRT 11.4.1
 # supports JetPack 7.2.2+ on AGX Orin and Thor [TRT 11.4.1 release notes]. The TensorRT version JetPack 7.2
@@ -67,7 +67,7 @@ _JP7_SMALL = SoftwareStack(
     note="TensorRT 11 support on Orin Nano / NX is unverified: the 11.4.1 notes name AGX Orin only",
 )
 _X86 = SoftwareStack(
-    "x86_64 + NVIDIA driver", tensorrt="10.x or 11.x", cuda="12.x or 13.x", python="3.11+",
+    "x86_64 + NVIDIA driver", tensorrt="10.x or 11.x", cuda="12.x or 13.x", python="3.10+",
     note="onnxruntime-gpu from PyPI (CUDA 12 wheels); TensorRT from PyPI or NVIDIA's repositories",
 )
 

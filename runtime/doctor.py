@@ -239,8 +239,6 @@ def diagnose(artifacts: Path | None = None) -> Report:
     if engines.get("checked") and not engines.get("ok"):
         problems.extend(f"engine {e['graph']}: {e['reason']}; rebuild: {e['rebuild']}"
                         for e in engines["engines"] if not e["ok"])
-    if sys.version_info < (3, 11):
-        problems.append(f"python: {platform.python_version()} is below this package's requires-python (3.11)")
     return Report(machine=machine(), onnxruntime=ort_info, gpu=gpu, tensorrt=trt, engines=engines,
                   paths=_paths(ort_info, gpu, trt, engines), problems=problems,
                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
