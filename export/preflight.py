@@ -581,3 +581,23 @@ def preflight(artifacts: str | Path, tensorrt: str = "10.3", run: bool = True, t
             graph_ctx = ctx if key == "decoder" else replace(ctx, vocab_size=0)
             report.runs.extend(run_corners(key, path, model, entry, graph_ctx, threads=threads))
     return report
+
+
+def run_cli(artifacts: Path, tensorrt: str, run: bool, as_json: bool, threads: int = 0, quiet: bool = False) -> int:
+    """``unimp preflight``: print the report (text or JSON); 0 when every check passes, 1 on a failure, 2 when
+    the preflight cannot start."""
+    import sys
+
+    def progress(step: str) -> None:
+        print(f"preflight: {step}", file=sys.stderr, flush=True)
+
+    if threads < 0:
+        print(f"error: --threads: must be >= 0, got {threads}", file=sys.stderr)
+        return 2
+    try:
+        report = preflight(artifacts, tensorrt, run=run, threads=threads, progress=None if quiet else progress)
+    except PreflightError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.to_json() if as_json else report.render())
+    return 0 if report.ok else 1
