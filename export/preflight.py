@@ -210,6 +210,30 @@ def _topk(node: onnx.NodeProto, consts: dict[str, np.ndarray | None]) -> str | N
     return f"K = {int(k.max())} must be below 3840" if int(k.max()) >= 3840 else None
 
 
+def _sattr(node: onnx.NodeProto, name: str, default: str) -> str:
+    return next((a.s.decode() for a in node.attribute if a.name == name), default)
+
+
+_RESIZE_MODES = {"nearest", "linear"}
+_RESIZE_COORDS = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
+_RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
+
+
+def _resize(node: onnx.NodeProto, consts: dict[str, np.ndarray | None]) -> str | None:
+    why = []
+    if _attr(node, "antialias", 0):
+        why.append("antialias is not supported")
+    if (policy := _sattr(node, "keep_aspect_ratio_policy", "stretch")) != "stretch":
+        why.append(f"keep_aspect_ratio_policy {policy!r} (only 'stretch')")
+    if (mode := _sattr(node, "mode", "nearest")) not in _RESIZE_MODES:
+        why.append(f"mode {mode!r} (only nearest, linear)")
+    if (coords := _sattr(node, "coordinate_transformation_mode", "half_pixel")) not in _RESIZE_COORDS:
+        why.append(f"coordinate_transformation_mode {coords!r}")
+    if mode == "nearest" and (nearest := _sattr(node, "nearest_mode", "round_prefer_floor")) not in _RESIZE_NEAREST:
+        why.append(f"nearest_mode {nearest!r}")
+    return "; ".join(why) or None
+
+
 _RULES: dict[str, Callable[[onnx.NodeProto, dict[str, np.ndarray | None]], str | None]] = {
     "LayerNormalization": lambda n, c: "only the first output (Y) is supported" if _outputs_used(n) > 1 else None,
     "MaxPool": lambda n, c: "the Indices output is not supported" if _outputs_used(n) > 1 else None,
@@ -217,6 +241,7 @@ _RULES: dict[str, Callable[[onnx.NodeProto, dict[str, np.ndarray | None]], str |
                                if any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)
                                else None),
     "TopK": _topk,
+    "Resize": _resize,
 }
 """Matrix restrictions checked on the node itself (the others are reported as notes)."""
 

@@ -222,3 +222,20 @@ def test_cli_rejects_an_unknown_target_and_a_missing_directory(tmp_path: Path,
     assert exc.value.code == 2
     assert main(["preflight", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "manifest.json not found" in capsys.readouterr().err
+
+
+def test_node_restrictions_are_checked_on_the_node() -> None:
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+
+    def resize(**attrs: object) -> onnx.ModelProto:
+        node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="r0", **attrs)
+        return _model([node], [_vi("x", [1, 1, 2, 2])], [_vi("y", [1, 1, 4, 4])], [scales], opset=19)
+
+    assert not _fails(check_model("g", resize(mode="linear"), target("10.3")), "constants")
+    (failure,) = _fails(check_model("g", resize(mode="cubic", antialias=1), target("10.3")), "constants")
+    assert failure == "Resize 'r0': antialias is not supported; mode 'cubic' (only nearest, linear)"
+    ln = helper.make_node("LayerNormalization", ["x", "w"], ["y", "mean"], name="ln0")
+    model = _model([ln], [_vi("x", [2, 4])], [_vi("y", [2, 4]), _vi("mean", [2, 1])],
+                   [numpy_helper.from_array(np.ones(4, np.float32), "w")])
+    (failure,) = _fails(check_model("g", model, target("10.3")), "constants")
+    assert failure == "LayerNormalization 'ln0': only the first output (Y) is supported"
