@@ -289,6 +289,7 @@ def _check_types(graph_name: str, model: onnx.ModelProto, nodes: list[onnx.NodeP
     io = {vi.name for vi in [*g.input, *g.output]}
     out: list[Check] = []
     bad: list[str] = []
+    internal: dict[str, list[str]] = {}  # io-only type -> tensors inside the graph
     for name, code in types.items():
         tname = ONNX_TYPE_NAMES.get(code)
         if tname is None or tname not in t.dtypes:
@@ -296,7 +297,7 @@ def _check_types(graph_name: str, model: onnx.ModelProto, nodes: list[onnx.NodeP
             hint = " (TensorRT would clamp it to float32: export float32)" if spelled == "DOUBLE" else ""
             bad.append(f"{name!r} is {spelled}{hint}")
         elif tname in t.io_only and name not in io:
-            bad.append(f"{name!r} is {tname}: TensorRT takes it only as a network input or output")
+            internal.setdefault(tname, []).append(name)
     for node in nodes:
         if node.domain not in ("", "ai.onnx"):
             continue
@@ -313,6 +314,10 @@ def _check_types(graph_name: str, model: onnx.ModelProto, nodes: list[onnx.NodeP
         if tname and tname not in support.types:
             bad.append(f"{node.op_type} {node.name or node.output[0]!r} on {tname} ({tensor!r}); TensorRT takes "
                        f"{', '.join(sorted(support.types))}")
+    for tname, names in sorted(internal.items()):
+        examples = ", ".join(repr(x) for x in names[:2]) + (", ..." if len(names) > 2 else "")
+        bad.append(f"{_plural(len(names), 'tensor')} inside the graph {'is' if len(names) == 1 else 'are'} {tname} "
+                   f"({examples}): TensorRT takes {tname} only as a network input or output")
     shown = bad[:8] + ([f"... and {len(bad) - 8} more"] if len(bad) > 8 else [])
     out.extend(Check(graph_name, "dtypes", "FAIL", b) for b in shown)
     if not bad:

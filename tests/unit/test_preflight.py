@@ -239,3 +239,17 @@ def test_node_restrictions_are_checked_on_the_node() -> None:
                    [numpy_helper.from_array(np.ones(4, np.float32), "w")])
     (failure,) = _fails(check_model("g", model, target("10.3")), "constants")
     assert failure == "LayerNormalization 'ln0': only the first output (Y) is supported"
+
+
+def test_cpu_dynamic_quantization_is_rejected_with_the_qdq_fix() -> None:
+    nodes = [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "zp"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "zp"], ["y"])]
+    model = _model(nodes, [_vi("x", ["n", 4])], [_vi("y", ["n", 4])])
+    checks = check_model("g", model, target("10.3"))
+    (op,) = _fails(checks, "ops")
+    assert op.startswith("DynamicQuantizeLinear x1: not supported") and "quantize with --format qdq" in op
+    types = _fails(checks, "dtypes")
+    assert any("2 tensors inside the graph are UINT8 ('q', 'zp'): TensorRT takes UINT8 only as a network" in f
+               for f in types), types
+    assert any(f.startswith("DequantizeLinear") and "on UINT8" in f for f in types)
+    assert _fails(checks, "constants") == ["DequantizeLinear 'y': zero point 'zp' must be a constant 0"]
