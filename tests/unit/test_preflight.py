@@ -253,3 +253,18 @@ def test_cpu_dynamic_quantization_is_rejected_with_the_qdq_fix() -> None:
                for f in types), types
     assert any(f.startswith("DequantizeLinear") and "on UINT8" in f for f in types)
     assert _fails(checks, "constants") == ["DequantizeLinear 'y': zero point 'zp' must be a constant 0"]
+
+
+def test_cli_choices_and_readme_match_the_targets() -> None:
+    from unimp.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    parser = sub.choices["preflight"]  # type: ignore[attr-defined]
+    option = next(a for a in parser._actions if a.dest == "tensorrt")
+    assert list(option.choices) == list(TARGETS) and option.default == "10.3"
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Preflight", 1)[1].split("\n## ", 1)[0]
+    for name, t in TARGETS.items():
+        assert f"{t.max_opset} for `{name}`" in section
+        assert f"max opset {t.max_opset}" in option.help
+    assert "`unimp preflight ART [--tensorrt 10.3\\|10.x\\|11] [--no-run] [--json]`" in readme
