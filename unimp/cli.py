@@ -1,4 +1,5 @@
-"""The ``unimp`` command: export, validate, catalog encode, quantize, build-engines, serve, client, eval, bench.
+"""The ``unimp`` command: export, validate, catalog encode, preflight, quantize, build-engines, serve, client,
+plan, doctor, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -161,6 +162,39 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    try:
+        from export.preflight import run_cli
+    except ImportError as exc:
+        print(f"unimp preflight needs onnx (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
+        return 2
+    return run_cli(args.artifacts, args.tensorrt, run=not args.no_run, as_json=args.json, threads=args.threads,
+                   quiet=args.quiet)
+
+
+def _add_preflight(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "preflight", help="check every graph of ART against a TensorRT version's ONNX support (no GPU needed)",
+        description="Check every graph of ART for TensorRT without TensorRT: the opset against the version's "
+                    "maximum, every op against its ONNX operator matrix (custom-domain ops rejected with the option "
+                    "that avoids them), build-time constant axes, Q/DQ zero points 0, no data-dependent-shape ops, "
+                    "data types, and every optimization profile (ranks, 0 <= min <= opt <= max, static dims fixed, "
+                    "one range per symbolic dim, derived dims such as past+seq, the decoder's positions); then run "
+                    "onnxruntime CPU at each profile's min and max shapes. One line per graph and check; exit 1 "
+                    "when a check fails, 2 for bad usage. Whether TensorRT's parser really accepts the graphs needs "
+                    "a machine with TensorRT.")
+    p.add_argument("artifacts", type=Path, metavar="ART", help="artifacts directory written by `unimp export`")
+    p.add_argument("--tensorrt", choices=["10.3", "10.x", "11"], default="10.3",
+                   help="target: 10.3 (JetPack 6, max opset 20), 10.x (>= 10.15, max opset 24: adds Attention, "
+                        "TensorScatter, RotaryEmbedding, RMSNormalization), 11 (max opset 25); default %(default)s")
+    p.add_argument("--no-run", action="store_true", help="static checks only: skip the onnxruntime runs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="onnxruntime intra-op threads for the runs (default: 0, all physical cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_preflight)
+
+
 def _serve_warning(args: argparse.Namespace) -> None:
     """Warn when the served artifacts are a quantized variant whose accuracy guard failed or did not run."""
     artifacts = getattr(args, "artifacts", None)
@@ -273,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "K/V store is DIR-media-kv beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_catalog_encode)
+
+    _add_preflight(sub)
 
     from runtime.eval.cli import GUARD_FIELD_HELP
     from runtime.eval.data import SPLITS
