@@ -39,6 +39,8 @@ __all__ = [
 ]
 
 SEQ_DIM = "seq"
+PAST_DIM = "past"
+"""The concat layout's cached length (runtime.manifest DecoderDims: past K/V are (B, H, past, hd))."""
 """The symbolic dim of the tokens fed per call (decoder inputs ``input_ids``, ``text_time``, ...)."""
 PREFILL_OPT_SEQ = 128
 """Prefill profile: the prompt length TensorRT tunes kernels for (clamped into the profile's range)."""
@@ -121,17 +123,22 @@ def _pin_seq(entry: GraphEntry, shapes: dict[str, dict[str, list[int]]], value: 
     """A copy with every ``seq`` dim pinned to ``value`` (decode), or its opt moved to a typical prompt
     length (prefill, ``value`` None)."""
     out = {name: {k: list(v) for k, v in prof.items()} for name, prof in shapes.items()}
+    seq_max = max((prof["max"][i] for spec in entry.inputs if (prof := shapes.get(spec.name))
+                   for i, dim in enumerate(_dims(spec)) if dim == SEQ_DIM), default=1)
     for spec in entry.inputs:
         if spec.name not in out:
             continue
         prof = out[spec.name]
         for i, dim in enumerate(_dims(spec)):
-            if dim != SEQ_DIM:
-                continue
-            if value is None:
-                prof["opt"][i] = max(prof["min"][i], min(PREFILL_OPT_SEQ, prof["max"][i]))
-            else:
-                prof["min"][i] = prof["opt"][i] = prof["max"][i] = value
+            if dim == SEQ_DIM:
+                if value is None:
+                    prof["opt"][i] = max(prof["min"][i], min(PREFILL_OPT_SEQ, prof["max"][i]))
+                else:
+                    prof["min"][i] = prof["opt"][i] = prof["max"][i] = value
+            elif dim == PAST_DIM and value is not None:
+                # the manifest's one profile splits the positions between a prompt (seq) and its past; a
+                # decode step's past may take all but the new tokens: past + seq stays within the positions
+                prof["max"][i] += seq_max - value
     return out
 
 

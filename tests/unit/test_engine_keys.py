@@ -48,6 +48,9 @@ def test_composite_dims_and_single_profile_graphs() -> None:
                                  "past": {"min": [1, 0], "opt": [2, 10], "max": [4, 64]}})
     (_, decode) = engines.engine_profiles("decoder", entry)
     assert decode.shapes["attention_mask"] == {"min": [1, 1], "opt": [2, 11], "max": [4, 128]}
+    # a decode step's past takes the positions the prompt range left: past + 1 new token reaches the mask's max
+    assert decode.shapes["past"] == {"min": [1, 0], "opt": [2, 10], "max": [4, 127]}
+    assert decode.shapes["input_ids"] == {"min": [1, 1], "opt": [2, 1], "max": [4, 1]}
     vision = GraphEntry("v.onnx", [TensorSpec("pixel_values", "float32", ["images", 3, 8, 8])], [],
                         profiles={"pixel_values": {"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [8, 3, 8, 8]}})
     assert [p.name for p in engines.engine_profiles("vision", vision)] == ["default"]
