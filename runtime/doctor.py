@@ -192,8 +192,13 @@ def _paths(ort_info: dict[str, Any], gpu: dict[str, Any], trt: dict[str, Any], e
         return PathStatus(name, not extra, extra)
 
     out.append(ort_path("ort-cuda", "CUDAExecutionProvider"))
+    # the EP loads libnvinfer itself: TensorRT's Python bindings are not needed for this path
+    from runtime.backends.ort import tensorrt_version
+
+    libnvinfer = tensorrt_version()
     out.append(ort_path("ort-tensorrt", "TensorrtExecutionProvider",
-                        "" if trt.get("available") else f"TensorRT libraries: {trt.get('reason')}"))
+                        "" if libnvinfer else "TensorRT libraries: no libnvinfer.so.10 / .so.11 loads (pip install "
+                                              "tensorrt-cu12-libs on x86, JetPack's TensorRT on Jetson)"))
     if not trt.get("available"):
         out.append(PathStatus("tensorrt", False, f"TensorRT: {trt.get('reason')}"))
     elif gpu_reason:

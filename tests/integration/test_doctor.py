@@ -86,6 +86,9 @@ def test_engine_mismatch_names_the_rebuild(tiny_artifacts: Path, tmp_path: Path,
     monkeypatch.setattr(doctor, "check_gpu", lambda device_id=0: {"available": True, "name": "NVIDIA L4",
                                                                    "compute_capability": [8, 9]})
     monkeypatch.setattr(doctor, "check_tensorrt", lambda: {"available": True, "version": "10.8.0"})
+    from runtime.backends import ort as ort_backend
+
+    monkeypatch.setattr(ort_backend, "tensorrt_version", lambda: "10.8.0")  # libnvinfer, which the EP loads
     monkeypatch.setattr(doctor, "check_onnxruntime", lambda: ({"distributions": {"onnxruntime-gpu": "1.24.4"},
                                                                "version": "1.24.4", "providers": [
                                                                    "TensorrtExecutionProvider",
@@ -128,3 +131,21 @@ def test_doctor_bench_times_cpu_and_lists_the_rest(tiny_artifacts: Path, tmp_pat
 def test_bench_needs_artifacts(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--bench"]) == 2
     assert capsys.readouterr().err.startswith("error: --bench: needs --artifacts")
+
+
+def test_tensorrt_ep_needs_libnvinfer_not_the_python_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.backends import ort as ort_backend
+
+    monkeypatch.setattr(doctor, "check_gpu", lambda device_id=0: {"available": True, "name": "NVIDIA L4",
+                                                                   "compute_capability": [8, 9]})
+    monkeypatch.setattr(doctor, "check_tensorrt", lambda: {"available": True, "version": "10.8.0"})
+    monkeypatch.setattr(doctor, "check_onnxruntime", lambda: ({"distributions": {"onnxruntime-gpu": "1.24.4"},
+                                                               "version": "1.24.4", "providers": [
+                                                                   "TensorrtExecutionProvider",
+                                                                   "CUDAExecutionProvider",
+                                                                   "CPUExecutionProvider"]}, []))
+    monkeypatch.setattr(ort_backend, "tensorrt_version", lambda: "")
+    ep = doctor.diagnose(None).path("ort-tensorrt")
+    assert not ep.available and "libnvinfer" in ep.reason
+    monkeypatch.setattr(ort_backend, "tensorrt_version", lambda: "10.8.0")
+    assert doctor.diagnose(None).path("ort-tensorrt").available
