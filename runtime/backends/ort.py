@@ -119,8 +119,9 @@ class OrtSession:
                 if len(self._bindings) >= _BINDINGS_KEPT:
                     self._bindings.pop(next(iter(self._bindings)))
                 self._bindings[id(bound)] = (bound, list(outputs), io)
+        # np.require keeps 0-d feeds 0-d (np.ascontiguousarray makes them (1,), which a [] input rejects)
         for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
+            io.bind_cpu_input(name, np.require(value, requirements="C"))
         self._session.run_with_iobinding(io)
         values = io.get_outputs()
         return {name: values[i].numpy() for i, name in enumerate(outputs)}
