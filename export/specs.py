@@ -28,7 +28,12 @@ import torch
 from torch import nn
 
 from export.modeling.model import UniMP
-from export.modeling.static_cache import ATTENTIONS, TENSOR_SCATTER_OPSET, StaticCacheDecoder, to_tensor_scatter
+from export.modeling.static_cache import (
+    ATTENTIONS,
+    TENSOR_SCATTER_OPSET,
+    StaticCacheDecoder,
+    to_tensor_scatter,
+)
 from runtime.manifest import DecoderNames, TensorSpec
 
 Shapes = dict[str, int]

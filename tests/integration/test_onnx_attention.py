@@ -144,7 +144,7 @@ def test_beam_recommend_matches_gqa_and_concat(onnx_rt: Runtime, gqa_rt: Runtime
     req = RecommendRequest(HISTORY, top_k=4, mode=mode, beam=BeamOptions(num_beams=4, num_return_sequences=4,
                                                                             max_new_tokens=5))
     a = onnx_rt.recommend(req)
-    assert len(a.items) == 4
+    assert a.timings.tokens > 0 and (mode != DecodeMode.BEAM_CONSTRAINED or len(a.items) == 4)
     for other in (gqa_rt, concat_rt):
         b = other.recommend(req)
         assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.timings.tokens == b.timings.tokens
