@@ -53,7 +53,19 @@ def validate_graph(spec: GraphSpec, path: Path) -> dict[str, float]:
 
     Raises AssertionError-free ValueError when an output exceeds the spec's tolerance.
     """
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # a rewritten graph (TensorScatter) run unbound warns on every call that it copies past to present:
+    # expected here, so onnxruntime's process-wide logger shows errors only while validating it
+    quiet = spec.postprocess is not None
+    if quiet:
+        ort.set_default_logger_severity(3)
+    try:
+        return _validate(spec, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    finally:
+        if quiet:
+            ort.set_default_logger_severity(2)  # onnxruntime's default
+
+
+def _validate(spec: GraphSpec, session: ort.InferenceSession) -> dict[str, float]:
     worst_abs, worst_rel = 0.0, 0.0
     for dims in [spec.export_dims, *spec.validation_dims]:
         feeds = spec.sample(dims)

@@ -1,4 +1,5 @@
-"""The decoder with a static, in-place KV cache: ``com.microsoft.GroupQueryAttention`` per layer.
+"""The decoder with a static, in-place KV cache: ``com.microsoft.GroupQueryAttention`` per layer, or the
+same contract in standard ONNX ops (``attention="onnx"``, below).
 
 Each layer's K and V live in one buffer of shape (B, H, L, hd) per layer that is both a graph input
 (``past_*``) and a graph output (``present_*``); the runtime binds both to the same memory, so the new
@@ -17,9 +18,9 @@ exports (the symbolic) and validates (the eager path); the tests also hold it to
 per layer an opset-24 ``TensorScatter`` (mode linear, ``write_indices`` = each row's past length, axis 2)
 writes the new K/V into the bound buffer, then MatMul / Softmax attend over the first
 ``total_sequence_length`` positions under a causal mask derived from ``seqlens_k``; rotary positions come
-from the same per-row past length. The TorchScript exporter stops at opset 20, so the scatter exports as a
-placeholder (``PLACEHOLDER_DOMAIN::TensorScatter``) that ``to_tensor_scatter`` rewrites into the default
-domain after converting the graph to opset 24. Its eager forward is the batched form of the GQA semantics
+from the same per-row past length. The TorchScript exporter (run at opset 17) has no TensorScatter, so the
+scatter exports as a placeholder (``PLACEHOLDER_DOMAIN::TensorScatter``) that ``to_tensor_scatter``
+rewrites into the default domain after converting the graph to opset 24. Its eager forward is the batched form of the GQA semantics
 above; the export is validated against the per-row GQA reference.
 """
 

@@ -185,6 +185,8 @@ def test_prefix_hit_and_concurrent_streams_copy_nothing_per_step(onnx_rt: Runtim
     reqs = [PreferenceRequest(RATED[: 1 + k % 3], _target(k), SamplingOptions(max_new_tokens=3 + 3 * k))
             for k in range(6)]
     expected = [_explain(gqa_rt, r)[0] for r in reqs]
+    pool = onnx_rt.decoder.pool  # type: ignore[attr-defined]
+    addresses = [b.bind(0, 1).address for b in (*pool.keys, *pool.values)]
     before = onnx_rt.stats()
     results: list[str | None] = [None] * len(reqs)
 
@@ -200,7 +202,8 @@ def test_prefix_hit_and_concurrent_streams_copy_nothing_per_step(onnx_rt: Runtim
     assert results == expected
     assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
     assert after["kv_copy_bytes_step"] == before["kv_copy_bytes_step"]
-    assert after["kv_pool_rows_used"] == 0 and onnx_rt.decoder.pool.used == 0  # type: ignore[attr-defined]
+    assert [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] == addresses  # bound where they were
+    assert after["kv_pool_rows_used"] == 0 and pool.used == 0
 
 
 def _decode_feeds(m, batch: int, capacity: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
@@ -264,3 +267,28 @@ def test_bound_cache_is_updated_in_place_without_a_copy(onnx_rt: Runtime, tiny_o
 
     session.run(None, {**feeds, **before})
     assert COPY_WARNING in capfd.readouterr().err
+
+
+def test_onnx_attention_needs_the_inplace_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.specs import check_decoder_form
+    from unimp.cli import main
+
+    assert main(["export", "--demo", "tiny", "--out", str(tmp_path / "x"), "--kv-layout", "concat",
+                 "--attention", "onnx", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: --attention: onnx needs --kv-layout inplace")
+    assert not (tmp_path / "x").exists()  # refused before building anything
+    with pytest.raises(ValueError, match="needs the inplace KV layout"):
+        check_decoder_form("concat", "onnx")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        check_decoder_form("inplace", "flash")
+    check_decoder_form("inplace", "onnx")
+    check_decoder_form("concat", "gqa")
+
+
+def test_rewrite_refuses_a_graph_without_placeholders(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from export.modeling.static_cache import to_tensor_scatter
+
+    copy = tmp_path / "decoder.onnx"
+    copy.write_bytes((tiny_artifacts / "decoder.onnx").read_bytes())  # the GQA form: nothing to rewrite
+    with pytest.raises(ValueError, match="TensorScatter placeholders"):
+        to_tensor_scatter(copy)
