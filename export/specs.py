@@ -211,9 +211,13 @@ def decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
             feeds[spec.name] = torch.randn(b, c.xattn_heads, m, c.xattn_dim_head, generator=g)
         return feeds
 
+    # One TensorRT profile covers prefill and decode, and every shape in its box must be one the model can
+    # take: max past + max seq = the model's positions (the mask's max, past+seq, is then the positions).
+    # Half the positions for a prompt, the rest for the past; longer prompts or contexts need a second profile.
+    positions = c.max_position_embeddings
     dims_lo = {"batch": 1, "seq": 1, "past": 0, "media": n}
-    dims_opt = {"batch": 4, "seq": 1, "past": 256, "media": n}
-    dims_hi = {"batch": 16, "seq": c.max_position_embeddings, "past": c.max_position_embeddings, "media": 8 * n}
+    dims_opt = {"batch": 4, "seq": 1, "past": min(256, positions - positions // 2), "media": n}
+    dims_hi = {"batch": 16, "seq": positions // 2, "past": positions - positions // 2, "media": 8 * n}
     profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, pos, mask, ttime, *past, *memory]}
     return GraphSpec(
         "decoder",
@@ -310,7 +314,7 @@ def inplace_decoder_spec(model: UniMP, names: DecoderNames, attention: str = "gq
     dims_lo = {"batch": 1, "seq": 1, "capacity": 2, "media": n}
     dims_opt = {"batch": 4, "seq": 1, "capacity": cap, "media": n}
     dims_hi = {"batch": 16, "seq": cap, "capacity": cap + 1, "media": 8 * n}
-    profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, ttime, *past, *memory]}
+    profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, seqlens, ttime, index, *past, *memory]}
     return GraphSpec(
         "decoder",
         _InplaceDecoder(model, attention),

@@ -136,15 +136,15 @@ def _physical_memory() -> int:
         return 0
 
 
-def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
-    """KV rows (a beam each) the batcher may hand out: from ``kv_pool_bytes``; by default room for
-    ``max_active`` sequences plus one request of ``max_beams`` beams, within half the machine's memory
-    (never fewer than ``max_beams`` rows)."""
+def pool_rows(manifest: Manifest, config: RuntimeConfig, memory: int) -> int:
+    """KV rows (a beam each) the batcher may hand out on a machine with ``memory`` bytes (0: unknown): from
+    ``kv_pool_bytes``; by default room for ``max_active`` sequences plus one request of ``max_beams`` beams,
+    within half of ``memory`` (never fewer than ``max_beams`` rows). ``unimp plan`` calls it with a board's
+    memory, so the plan and the server size the pool alike."""
     beams = config.limits.max_beams
     row = pool_row_bytes(manifest, context_of(manifest, config))
     if config.kv_pool_bytes <= 0:
         rows = config.max_active + beams - 1
-        memory = _physical_memory()
         if memory and rows * row > memory // 2:
             rows = max(beams, memory // 2 // row)
             log.info("KV pool: %d rows of %.1f MB fit half of this machine's %.1f GB", rows, row / 1e6, memory / 1e9)
@@ -162,9 +162,16 @@ def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
     return int(rows)
 
 
+def _pool_rows(manifest: Manifest, config: RuntimeConfig) -> int:
+    return pool_rows(manifest, config, _physical_memory())
+
+
 def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: Session, rows: int) -> DecoderCore:
     """The decoder core for the manifest's KV layout (``rows`` pool slots for the inplace one)."""
-    decoder = open_session(root / manifest.graphs["decoder"].file, config.backend)
+    entry = manifest.graphs["decoder"]
+    # inplace layout: a decode step's shapes and buffer addresses are fixed per pool window (CUDA graphs apply)
+    decoder = open_session(root / entry.file, config.backend, entry,
+                           decode_graph=manifest.decoder.kv_layout == "inplace")
     context = context_of(manifest, config)
     layout = manifest.decoder.kv_layout
     if layout == "inplace":
@@ -172,6 +179,16 @@ def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: 
     if layout == "concat":
         return ConcatCore(decoder, media_kv, manifest, max_context=context)
     raise ValueError(f"manifest decoder.kv_layout {layout!r} is not one this runtime serves (inplace, concat)")
+
+
+def _require_provider(backend: BackendConfig, manifest: Manifest) -> None:
+    from runtime.backends.factory import require_backend
+    from runtime.backends.providers import ProviderSettingsError
+
+    try:
+        require_backend(backend, manifest)
+    except ProviderSettingsError as exc:
+        raise SettingsError(str(exc)) from exc
 
 
 def _stop_threads(encoder: BackgroundEncoder, batcher: Batcher) -> None:
@@ -188,11 +205,20 @@ class Runtime:
         self.config = config
         backend = config.backend
         graphs = manifest.graphs
+        _require_provider(backend, manifest)  # before anything loads: a GPU provider this machine lacks names what is missing
+        self.sessions: dict[str, Session] = {}
+        """Graph key -> its session (the providers each one runs on: ``providers()``)."""
+
+        def session(key: str) -> Session:
+            self.sessions[key] = open_session(root / graphs[key].file, backend, graphs[key])
+            return self.sessions[key]
+
         self.tokenizer = Tokenizer.from_file(str(root / manifest.tokenizer))
-        self.vision = VisionEncoder(open_session(root / graphs["vision"].file, backend), manifest)
-        media_kv = open_session(root / graphs["media_kv"].file, backend)  # one session: the core and the K/V store
+        self.vision = VisionEncoder(session("vision"), manifest)
+        media_kv = session("media_kv")  # one session: the core and the K/V store
         rows = _pool_rows(manifest, config)
         self.decoder = _open_core(root, manifest, config, media_kv, rows)
+        self.sessions["decoder"] = self.decoder.session
         self._catalog = Catalog(root, manifest, state_dir=config.state_dir)
         cache_dir = config.latent_cache_dir or root / ".cache" / "latents"
         self.latents = LatentStore.open(cache_dir, self._catalog, self.vision, manifest, fill=False)
@@ -207,8 +233,7 @@ class Runtime:
         if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:
             from runtime.vqgan import CodeEncoder, CodeStore, VQGANCodec, default_codes_dir
 
-            self._vqgan = VQGANCodec(open_session(root / graphs["vqgan_encoder"].file, backend),
-                                     open_session(root / graphs["vqgan_decoder"].file, backend), manifest)
+            self._vqgan = VQGANCodec(session("vqgan_encoder"), session("vqgan_decoder"), manifest)
             self.codes = CodeStore.open(default_codes_dir(cache_dir), self._catalog, CodeEncoder(self._vqgan), manifest,
                                         fingerprint=self._vqgan.fingerprint, fill=False)
             stores.append(self.codes)
@@ -223,7 +248,16 @@ class Runtime:
         if "unet" in graphs:
             from runtime.diffusion.pipeline import DiffusionPipeline
 
-            self._diffusion = DiffusionPipeline.from_artifacts(root, manifest, lambda p: open_session(p, backend))
+            entries = {(root / g.file).resolve(): g for g in graphs.values()}
+
+            def diffusion_session(p: Path) -> Session:
+                entry = entries.get(Path(p).resolve())
+                opened = open_session(p, backend, entry)
+                self.sessions[next((k for k, g in graphs.items() if g is entry), Path(p).stem)] = opened
+                return opened
+
+            self._diffusion = DiffusionPipeline.from_artifacts(root, manifest, diffusion_session)
+        log.info("execution providers: %s", ", ".join(f"{k}={v}" for k, v in self.providers().items()))
         t = manifest.tokens
         self._banned = np.array([t.image, t.answer, t.pad], np.int64)
         self.requests = 0
@@ -240,6 +274,10 @@ class Runtime:
         root = Path(artifacts)
         manifest = load_manifest(root, verify=True)
         return cls(root, manifest, config or RuntimeConfig())
+
+    def providers(self) -> dict[str, list[str]]:
+        """Graph key -> the ONNX Runtime providers its session runs on, the one in use first."""
+        return {key: list(s.providers) for key, s in self.sessions.items()}
 
     @property
     def max_context(self) -> int:

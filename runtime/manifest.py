@@ -7,7 +7,8 @@ per-layer names are templates with a ``{layer}`` (or ``{block}``) placeholder.
 Schema history:
   1  first version: vision, media_kv and decoder graphs; optional diffusion graphs. Later optional
      fields (defaults keep older manifests readable): ``items`` (atomic or semantic-ID items) and
-     ``tokens.item_last_start/item_last_count``.
+     ``tokens.item_last_start/item_last_count``; ``engines`` (TensorRT engines built on the target by
+     ``unimp build-engines``: graph -> file, sha256 and the key it was built for).
 """
 
 from __future__ import annotations
@@ -172,6 +173,34 @@ class ItemsSpec:
 
 
 @dataclass(frozen=True)
+class EngineKey:
+    """What a TensorRT engine is only valid for: a plan runs on the TensorRT version and GPU model it was
+    built with, and is stale once its source graph, precision or profiles change."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    """"major.minor", e.g. "8.7" (Jetson Orin)."""
+    precision: Precision
+    profile_hash: str
+    """sha256 of the optimisation profiles the engine was built with (runtime.backends.engines)."""
+    graph_sha256: str
+    """sha256 of the ONNX graph it was built from."""
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """One TensorRT engine built from a graph of this manifest."""
+
+    file: str
+    """Path relative to the artifacts directory."""
+    sha256: str
+    key: EngineKey
+    profiles: list[str] = field(default_factory=list)
+    """Names of the engine's optimisation profiles, in index order (e.g. ["prefill", "decode"])."""
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     model_name: str
@@ -191,6 +220,9 @@ class Manifest:
     catalog: str = "catalog/items.jsonl"
     diffusion: dict[str, Any] = field(default_factory=dict)
     items: ItemsSpec = field(default_factory=ItemsSpec)
+    engines: dict[str, EngineEntry] = field(default_factory=dict)
+    """TensorRT engines by graph key (empty until ``unimp build-engines`` ran; not checked by
+    ``verify_files``: runtime.backends.engines.check_engines checks them against this machine)."""
 
     # -- serialisation -----------------------------------------------------------------------
     def to_json(self) -> str:
@@ -240,6 +272,11 @@ class Manifest:
                 catalog=data.get("catalog", "catalog/items.jsonl"),
                 diffusion=dict(data.get("diffusion", {})),
                 items=ItemsSpec(**data.get("items", {})),
+                engines={
+                    key: EngineEntry(file=e["file"], sha256=e.get("sha256", ""), key=EngineKey(**e["key"]),
+                                     profiles=list(e.get("profiles", [])))
+                    for key, e in data.get("engines", {}).items()
+                },
             )
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from exc

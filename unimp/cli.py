@@ -1,4 +1,5 @@
-"""The ``unimp`` command: export, validate, catalog encode, quantize, serve, client, eval, bench.
+"""The ``unimp`` command: export, validate, catalog encode, preflight, quantize, build-engines, serve, client,
+plan, doctor, eval, bench.
 
 ``export`` and ``validate`` need the export extra (torch); they import it only when run, so ``serve`` and
 ``client`` start fast and never load torch.
@@ -167,6 +168,39 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preflight(args: argparse.Namespace) -> int:
+    try:
+        from export.preflight import run_cli
+    except ImportError as exc:
+        print(f"unimp preflight needs onnx (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
+        return 2
+    return run_cli(args.artifacts, args.tensorrt, run=not args.no_run, as_json=args.json, threads=args.threads,
+                   quiet=args.quiet)
+
+
+def _add_preflight(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "preflight", help="check every graph of ART against a TensorRT version's ONNX support (no GPU needed)",
+        description="Check every graph of ART for TensorRT without TensorRT: the opset against the version's "
+                    "maximum, every op against its ONNX operator matrix (custom-domain ops rejected with the option "
+                    "that avoids them), build-time constant axes, Q/DQ zero points 0, no data-dependent-shape ops, "
+                    "data types, and every optimization profile (ranks, 0 <= min <= opt <= max, static dims fixed, "
+                    "one range per symbolic dim, derived dims such as past+seq, the decoder's positions); then run "
+                    "onnxruntime CPU at each profile's min and max shapes. One line per graph and check; exit 1 "
+                    "when a check fails, 2 for bad usage. Whether TensorRT's parser really accepts the graphs needs "
+                    "a machine with TensorRT.")
+    p.add_argument("artifacts", type=Path, metavar="ART", help="artifacts directory written by `unimp export`")
+    p.add_argument("--tensorrt", choices=["10.3", "10.x", "11"], default="10.3",
+                   help="target: 10.3 (JetPack 6, max opset 20), 10.x (>= 10.15, max opset 24: adds Attention, "
+                        "TensorScatter, RotaryEmbedding, RMSNormalization), 11 (max opset 25); default %(default)s")
+    p.add_argument("--no-run", action="store_true", help="static checks only: skip the onnxruntime runs")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="onnxruntime intra-op threads for the runs (default: 0, all physical cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=_preflight)
+
+
 def _serve_warning(args: argparse.Namespace) -> None:
     """Warn when the served artifacts are a quantized variant whose accuracy guard failed or did not run."""
     artifacts = getattr(args, "artifacts", None)
@@ -184,6 +218,41 @@ def _serve_warning(args: argparse.Namespace) -> None:
     warning = guard_warning(Path(artifacts))
     if warning:
         logging.getLogger("unimp.quantize").warning("%s; serving it anyway", warning)
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    from runtime.plan import add_plan_arguments, run_plan
+
+    p = sub.add_parser("plan", help="memory budget of serving ART on a board (Jetson Orin, x86 + GPU): what fits")
+    add_plan_arguments(p)
+    p.set_defaults(func=run_plan)
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    from runtime.doctor import add_doctor_arguments, run_doctor
+
+    p = sub.add_parser("doctor", help="what this machine can run (providers, GPU, TensorRT); --bench: time each path")
+    add_doctor_arguments(p)
+    p.set_defaults(func=run_doctor)
+
+def _build_engines(args: argparse.Namespace) -> int:
+    from export.engines import main as build_main
+
+    return build_main(args)
+
+
+def _add_build_engines(sub: argparse._SubParsersAction) -> None:
+    from export.engines import add_arguments
+
+    p = sub.add_parser(
+        "build-engines", help="TensorRT engines for this GPU from the ONNX graphs, recorded in the manifest",
+        description="Build one TensorRT engine per graph of ART on this machine's GPU (strongly typed: precision "
+                    "comes from the ONNX graphs; the decoder gets a prefill and a decode profile), with a timing "
+                    "cache, and record each engine in ART's manifest with its key (TensorRT version, GPU, "
+                    "precision, profiles, graph sha256). `unimp serve --provider tensorrt` then runs them and "
+                    "refuses an engine built for another TensorRT or GPU. Needs TensorRT and an NVIDIA GPU.")
+    add_arguments(p)
+    p.set_defaults(func=_build_engines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_catalog_encode)
 
+    _add_preflight(sub)
+
     from runtime.eval.cli import GUARD_FIELD_HELP
     from runtime.eval.data import SPLITS
     from runtime.eval.guard import GuardThresholds
@@ -300,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         guard.add_argument("--" + f.name.replace("_", "-"), type=float, default=f.default, metavar="X",
                            help=f"{GUARD_FIELD_HELP.get(f.name, '')} (default: %(default)s)")
     p.set_defaults(func=_quantize)
+    _add_build_engines(sub)
 
     try:
         from runtime.server.cli_commands import (
@@ -317,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser("client", help="call the server")
         add_client_arguments(p)
         p.set_defaults(func=run_client)
+
+    _add_plan(sub)
+    _add_doctor(sub)
 
     from runtime.eval.cli import add_eval_arguments, run_eval
 

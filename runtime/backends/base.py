@@ -27,6 +27,21 @@ class BackendConfig:
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     profile_prefix: str | None = None
     """ONNX Runtime profiling to files with this prefix (benchmarks; ``end_profiling`` returns the file)."""
+    device_id: int = 0
+    """CUDA device of the cuda and tensorrt providers."""
+    trt_cache_dir: Path | None = None
+    """TensorRT EP engine and timing caches (None: next to the graph, in .cache/trt/); one subdirectory per
+    graph sha256 + GPU + compute capability + TensorRT version (runtime.backends.providers)."""
+    trt_workspace_gb: float = 0.0
+    """TensorRT builder workspace limit in GiB; 0 leaves TensorRT's default (the device's memory)."""
+    trt_optimization_level: int = 3
+    """TensorRT builder optimisation level 0..5 (3 is TensorRT's default; higher builds longer)."""
+    fp16: bool = False
+    """TensorRT EP: let TensorRT 10 pick fp16 kernels for fp32 graphs (``trt_fp16_enable``). TensorRT 11 has
+    no such flag (weak typing was removed): export fp16 graphs instead; asking for it there is an error."""
+    cuda_graph: bool = False
+    """Capture the fixed-shape decode step in CUDA graphs (cuda/tensorrt providers, inplace KV layout); one
+    graph per decode window. Untested on hardware."""
 
 
 class Session(Protocol):

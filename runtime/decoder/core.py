@@ -70,6 +70,10 @@ class DecoderCore(Protocol):
     def kv_bytes(self) -> int: ...
     @property
     def pool_bytes(self) -> int: ...
+    @property
+    def session(self) -> Session:
+        """The decoder graph's session."""
+        ...
 
 
 def _last_image(memory: Memory) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
@@ -105,6 +109,10 @@ class InplaceCore:
     @property
     def pool_bytes(self) -> int:
         return self.pool.nbytes
+
+    @property
+    def session(self) -> Session:
+        return self.decoder
 
     def media_kv(self, latents: np.ndarray) -> Memory:
         return self._media.media_kv(latents)
@@ -303,6 +311,10 @@ class ConcatCore:
     def _count(self, cause: str, nbytes: int) -> None:
         with self._lock:
             self._copied[cause] += int(nbytes)
+
+    @property
+    def session(self) -> Session:
+        return self.runner.decoder
 
     def copy_bytes(self) -> dict[str, int]:
         with self._lock:

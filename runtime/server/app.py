@@ -22,7 +22,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +38,9 @@ from runtime.server.servicer import CATALOG, PERSONALIZATION, Servicer, ServingS
 from runtime.server.store import StateStore
 from runtime.server.tls import server_credentials
 
+if TYPE_CHECKING:
+    from runtime.backends import BackendConfig
+
 logger = logging.getLogger(__name__)
 
 _CANCEL_WAIT_S = 5.0
@@ -47,14 +50,56 @@ SERVICE_NAMES = (PERSONALIZATION.full_name, CATALOG.full_name)
 """Services whose health follows the engine ("" is the whole server)."""
 
 
+def backend_config(settings: EngineConfig) -> BackendConfig:
+    """The ``[engine]`` settings that say how graphs run."""
+    from runtime.backends import BackendConfig
+
+    e = settings
+    return BackendConfig(provider=e.provider, intra_op_threads=e.intra_op_threads, device_id=e.device_id,
+                         trt_cache_dir=e.trt_cache_dir, trt_workspace_gb=e.trt_workspace_gb, fp16=e.fp16,
+                         cuda_graph=e.cuda_graph)
+
+
+def check_provider(settings: EngineConfig, artifacts: Path | None = None) -> None:
+    """Refuse, before the port opens, an ``engine.provider`` this machine cannot run (the message names the
+    missing package, library or device) or a GPU setting it cannot honour. Raises ConfigError. With
+    ``artifacts`` whose manifest lists native TensorRT engines for every graph, TensorRT and a CUDA device
+    are checked instead of onnxruntime's providers."""
+    from runtime.backends.factory import require_backend, uses_native_engines
+    from runtime.backends.ort import require_provider
+    from runtime.backends.providers import ProviderSettingsError
+    from runtime.manifest import ManifestError, load_manifest
+    from runtime.types import Unavailable
+
+    manifest = None
+    if artifacts is not None and settings.provider == "tensorrt":
+        try:
+            manifest = load_manifest(artifacts, verify=False)
+        except ManifestError:
+            manifest = None  # reported when the engine loads
+    try:
+        if uses_native_engines(backend_config(settings), manifest):
+            require_backend(backend_config(settings), manifest)
+            logger.info("provider tensorrt: native TensorRT engines for every graph")
+            return
+        facts = require_provider(backend_config(settings))
+    except ProviderSettingsError as exc:
+        raise ConfigError(f"engine.{exc}") from exc
+    except Unavailable as exc:
+        raise ConfigError(f"engine.provider: {exc}") from exc
+    if facts is not None:
+        logger.info("provider %s on GPU %d: %s (compute capability %d.%d)%s", settings.provider, settings.device_id,
+                    facts.gpu_name, *facts.compute_capability,
+                    f", TensorRT {facts.tensorrt_version}" if facts.tensorrt_version else "")
+
+
 def open_runtime(artifacts: Path, limits: Limits | None = None, settings: EngineConfig | None = None) -> Engine:
     """Open the real engine on an artifacts directory with the server's limits and ``[engine]`` settings."""
-    from runtime.backends import BackendConfig
     from runtime.engine import Runtime, RuntimeConfig, SettingsError
 
     e = settings or EngineConfig()
     config = RuntimeConfig(
-        backend=BackendConfig(provider=e.provider, intra_op_threads=e.intra_op_threads),
+        backend=backend_config(e),
         max_active=e.max_active, max_queued=e.max_queued, prefix_cache_bytes=e.prefix_cache_bytes,
         max_context=e.max_context, kv_pool_bytes=e.kv_pool_bytes, limits=limits or Limits(),
     )
@@ -221,6 +266,7 @@ def create_server(
         if not Path(config.artifacts).is_dir():
             raise ConfigError(f"artifacts: {config.artifacts} is not a directory")
         artifacts = Path(config.artifacts)
+        check_provider(config.engine, artifacts)
 
         def engine_factory() -> Engine:
             return open_runtime(artifacts, config.limits, config.engine)

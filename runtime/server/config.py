@@ -24,6 +24,8 @@ directory. Example::
 
     [engine]
     intra_op_threads = 2           # 0: all physical cores
+    # provider = "tensorrt"      # needs onnxruntime-gpu (README "GPU providers (ONNX Runtime)")
+    # trt_cache_dir = "/var/cache/unimp/trt"
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
+try:  # Python 3.11+; JetPack 6 ships 3.10, where the tomli backport reads TOML
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[no-redef]
 
 from runtime.limits import Limits
 
@@ -113,8 +118,39 @@ class EngineConfig:
     provider: Provider = field(
         default="cpu",
         metadata=_help(
-            "ONNX Runtime execution provider: cpu (the embedded default), cuda or tensorrt; a provider the "
-            "installed onnxruntime lacks is a startup error, never a silent CPU run"
+            "ONNX Runtime execution provider: cpu (the embedded default), cuda (CUDA EP) or tensorrt (TensorRT "
+            "EP, CUDA EP for what TensorRT rejects); cuda and tensorrt need onnxruntime-gpu instead of "
+            "onnxruntime, a CUDA device and, for tensorrt, the TensorRT libraries: anything missing is a startup "
+            "error naming it, and a session onnxruntime moves off the requested provider is refused, never a "
+            "silent CPU run"
+        ),
+    )
+    device_id: int = field(default=0, metadata=_help("CUDA device of the cuda and tensorrt providers"))
+    trt_cache_dir: Path | None = field(
+        default=None,
+        metadata=_help(
+            "tensorrt provider: directory of the TensorRT engine and timing caches, one subdirectory per graph "
+            "sha256 + GPU + compute capability + TensorRT version (empty: <artifacts>/.cache/trt); the first "
+            "start on a GPU builds the engines (minutes), later starts load them"
+        ),
+    )
+    trt_workspace_gb: float = field(
+        default=0.0,
+        metadata=_help("tensorrt provider: TensorRT builder workspace limit in GiB (0: TensorRT's default)"),
+    )
+    fp16: bool = field(
+        default=False,
+        metadata=_help(
+            "tensorrt provider with TensorRT 10: let TensorRT choose fp16 kernels for fp32 graphs "
+            "(trt_fp16_enable); TensorRT 11 removed that switch (export fp16 graphs instead), so it is an "
+            "error there and with the cpu and cuda providers"
+        ),
+    )
+    cuda_graph: bool = field(
+        default=False,
+        metadata=_help(
+            "cuda and tensorrt providers: capture each decode window's step (inplace KV layout) in a CUDA "
+            "graph and replay it (untested on hardware)"
         ),
     )
     intra_op_threads: int = field(
@@ -243,9 +279,19 @@ class ServerConfig:
         e = self.engine
         for name, value, low in (("intra_op_threads", e.intra_op_threads, 0), ("max_active", e.max_active, 1),
                                  ("max_queued", e.max_queued, 0), ("prefix_cache_bytes", e.prefix_cache_bytes, 0),
-                                 ("max_context", e.max_context, 0), ("kv_pool_bytes", e.kv_pool_bytes, 0)):
+                                 ("max_context", e.max_context, 0), ("kv_pool_bytes", e.kv_pool_bytes, 0),
+                                 ("device_id", e.device_id, 0)):
             if value < low:
                 raise ConfigError(f"engine.{name}: must be >= {low}, got {value}")
+        if not math.isfinite(e.trt_workspace_gb) or e.trt_workspace_gb < 0:
+            raise ConfigError(f"engine.trt_workspace_gb: must be a finite number >= 0, got {e.trt_workspace_gb}")
+        if e.provider == "cpu":
+            for name in ("fp16", "cuda_graph"):
+                if getattr(e, name):
+                    raise ConfigError(f"engine.{name}: needs engine.provider cuda or tensorrt (provider is cpu)")
+        if e.fp16 and e.provider != "tensorrt":
+            raise ConfigError(f"engine.fp16: applies to the tensorrt provider only (provider is {e.provider}); "
+                              "export fp16 graphs to run fp16 on the CUDA EP")
         for f in dataclasses.fields(self.limits):
             value = getattr(self.limits, f.name)
             if value < 1:

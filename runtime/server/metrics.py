@@ -5,7 +5,8 @@ engine's Timings, or measured on the Explain stream), cancellations by reason (c
 rejections by reason (overload: model slots full, overload_cheap: cheap-RPC slots full, cost: decode
 budget full, loading, failed, shutdown); requests and decode budget in flight. Engine state (queue depth, KV cache and prefix
 cache bytes, prefix-cache hits, misses and hit ratio; catalog images encoded and pending per store) is
-read from ``engine.stats()`` at scrape time.
+read from ``engine.stats()`` at scrape time, and the execution providers each graph's session runs on from
+``engine.providers()`` (``unimp_backend_provider_info{graph, provider, rank}``, rank 0 the one in use).
 
 Each server has its own registry, so several servers can live in one process (tests).
 """
@@ -97,6 +98,30 @@ def _catalog_store_metrics(stats: dict[str, float]) -> Iterator[Metric]:
         yield metric
 
 
+class _ProviderCollector(Collector):
+    """``engine.providers()`` as an info gauge: 1 per (graph, provider), rank 0 the provider in use."""
+
+    def __init__(self, providers: Callable[[], dict[str, list[str]] | None]) -> None:
+        self._providers = providers
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            providers = self._providers()
+        except Exception:
+            logger.exception("engine.providers() failed during a metrics scrape")
+            return
+        if not providers:
+            return
+        family = GaugeMetricFamily(
+            "unimp_backend_provider_info", "ONNX Runtime execution providers of each graph's session (1 per "
+            "provider; rank 0 is the one requested and in use, higher ranks run the nodes it rejects)",
+            labels=["graph", "provider", "rank"])
+        for graph, names in sorted(providers.items()):
+            for rank, name in enumerate(names):
+                family.add_metric([graph, name, str(rank)], 1.0)
+        yield family
+
+
 class ServerMetrics:
     """All metrics of one server."""
 
@@ -104,6 +129,8 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.engine_stats: Callable[[], dict[str, float]] | None = None
         """Set once the engine is loaded."""
+        self.engine_providers: Callable[[], dict[str, list[str]]] | None = None
+        """Graph -> execution providers, set once an engine that reports them is loaded."""
         r = self.registry
         self.requests = Counter("unimp_requests", "RPCs finished, by method and status code", ["rpc", "code"],
                                 registry=r)
@@ -130,6 +157,7 @@ class ServerMetrics:
         self.rejected = Counter("unimp_rejected_requests", "Requests refused before reaching the engine",
                                 ["rpc", "reason"], registry=r)
         r.register(_EngineStatsCollector(lambda: self.engine_stats() if self.engine_stats else None))
+        r.register(_ProviderCollector(lambda: self.engine_providers() if self.engine_providers else None))
         self._http: Any = None
         self._thread: threading.Thread | None = None
         self.port: int | None = None

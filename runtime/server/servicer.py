@@ -234,6 +234,7 @@ class Servicer:
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
         self.metrics.engine_stats = engine.stats
+        self.metrics.engine_providers = getattr(engine, "providers", None)  # runtime.engine.Runtime has it
         if self.state is ServingState.LOADING:
             self.state = ServingState.SERVING
 

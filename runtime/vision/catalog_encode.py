@@ -166,8 +166,8 @@ def encode_catalog(
     manifest = load_manifest(root, verify=True)
     backend = BackendConfig(provider=provider, intra_op_threads=threads)
     graphs = manifest.graphs
-    vision = VisionEncoder(open_session(root / graphs["vision"].file, backend), manifest, max_batch=batch)
-    kv = MediaKVEncoder(open_session(root / graphs["media_kv"].file, backend), manifest)
+    vision = VisionEncoder(open_session(root / graphs["vision"].file, backend, graphs["vision"]), manifest, max_batch=batch)
+    kv = MediaKVEncoder(open_session(root / graphs["media_kv"].file, backend, graphs["media_kv"]), manifest)
     if batch is not None:
         kv.max_batch = batch
     catalog = Catalog(root, manifest)
@@ -182,8 +182,8 @@ def encode_catalog(
         if "vqgan_encoder" in graphs and "vqgan_decoder" in graphs:
             from runtime.vqgan import CodeEncoder, CodeStore, VQGANCodec, default_codes_dir
 
-            codec = VQGANCodec(open_session(root / graphs["vqgan_encoder"].file, backend),
-                               open_session(root / graphs["vqgan_decoder"].file, backend), manifest)
+            codec = VQGANCodec(open_session(root / graphs["vqgan_encoder"].file, backend, graphs["vqgan_encoder"]),
+                               open_session(root / graphs["vqgan_decoder"].file, backend, graphs["vqgan_decoder"]), manifest)
             if batch is not None:
                 codec.encode_batch = batch
             stores.append(CodeStore.open(default_codes_dir(latent_dir), catalog, CodeEncoder(codec), manifest,

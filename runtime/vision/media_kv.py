@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Self
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from runtime.types import InvalidRequest, NotFound
 from runtime.vision.encoder import VisionEncoder, vision_fingerprint
 from runtime.vision.preprocess import ImageInput
 from runtime.vision.store import ImageCatalog, ItemStore, LatentStore, usable_cache_dir
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are strings here (PEP 563)
+    from typing import Self
 
 log = logging.getLogger(__name__)
 

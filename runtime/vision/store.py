@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, Self
+from typing import IO, TYPE_CHECKING, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -31,6 +31,9 @@ from runtime.manifest import Manifest
 from runtime.types import InvalidRequest, NotFound
 from runtime.vision.encoder import vision_fingerprint
 from runtime.vision.preprocess import ImageInput
+
+if TYPE_CHECKING:  # typing.Self is Python 3.11+; annotations are strings here (PEP 563)
+    from typing import Self
 
 log = logging.getLogger(__name__)
 

@@ -324,5 +324,8 @@ class FakeEngine:
         return {"kv_bytes": 1024.0 * done, "prefix_cache_bytes": 4096.0, "prefix_cache_hits": float(done),
                 "prefix_cache_misses": 2.0, "queue_depth": 0.0}
 
+    def providers(self) -> dict[str, list[str]]:
+        return {"decoder": ["CUDAExecutionProvider", "CPUExecutionProvider"], "vision": ["CPUExecutionProvider"]}
+
     def close(self) -> None:
         self.closed = True

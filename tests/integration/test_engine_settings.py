@@ -44,6 +44,27 @@ def test_flags_and_validation(tmp_path: Path) -> None:
         load_config(overrides={"engine.provider": "rocm"})
 
 
+def test_gpu_settings_reach_the_backend_config(tmp_path: Path) -> None:
+    from runtime.server.app import backend_config
+
+    config = load_config(overrides={"engine.provider": "tensorrt", "engine.device_id": "1",
+                                    "engine.trt_cache_dir": str(tmp_path), "engine.trt_workspace_gb": "1.5",
+                                    "engine.fp16": True, "engine.cuda_graph": "true"})
+    backend = backend_config(config.engine)
+    assert (backend.provider, backend.device_id, backend.trt_cache_dir, backend.trt_workspace_gb, backend.fp16,
+            backend.cuda_graph) == ("tensorrt", 1, tmp_path, 1.5, True, True)
+    for key, value, message in (
+        ("engine.fp16", True, r"^engine\.fp16: needs engine\.provider cuda or tensorrt \(provider is cpu\)"),
+        ("engine.cuda_graph", True, r"^engine\.cuda_graph: needs engine\.provider cuda or tensorrt"),
+        ("engine.device_id", "-1", r"^engine\.device_id: must be >= 0"),
+        ("engine.trt_workspace_gb", "-2", r"^engine\.trt_workspace_gb: must be a finite number >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides={key: value})
+    with pytest.raises(ConfigError, match=r"^engine\.fp16: applies to the tensorrt provider only"):
+        load_config(overrides={"engine.provider": "cuda", "engine.fp16": True})
+
+
 def test_serve_provider_flag_is_the_engine_setting() -> None:
     import argparse
 

@@ -875,6 +875,8 @@ def test_metrics_endpoint(server: ServerThread, client: UnimpClient) -> None:
     assert "unimp_prefix_cache_bytes 4096.0" in text
     assert "unimp_prefix_cache_hit_ratio 0.5" in text
     assert "unimp_engine_queue_depth 0.0" in text
+    assert 'unimp_backend_provider_info{graph="decoder",provider="CUDAExecutionProvider",rank="0"} 1.0' in text
+    assert 'unimp_backend_provider_info{graph="decoder",provider="CPUExecutionProvider",rank="1"} 1.0' in text
 
 
 def test_request_ids_in_metadata_and_json_logs(server: ServerThread, stubs: Stubs) -> None:

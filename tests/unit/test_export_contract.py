@@ -23,15 +23,14 @@ def test_manifest_names_every_graph_and_token(tiny_artifacts: Path) -> None:
         assert m.names.xattn_key.format(block=block) in names
     assert m.decoder.xattn_layers == [1, 3]  # before every 2nd decoder layer
     # the inplace KV layout: symbolic batch / seq / buffer capacity, past and present the same shape,
-    # TensorRT profiles for every tensor input (the int32 scalars and per-row lengths need none)
+    # TensorRT profiles for every dynamic input (the scalar total_sequence_length is static: none)
     assert m.decoder.kv_layout == "inplace" and m.decoder.attention == "gqa"
     past = dec.input(m.names.past_key.format(layer=0)).shape
     assert past == ["batch", m.decoder.num_heads, "capacity", m.decoder.head_dim]
     assert {o.name: o.shape for o in dec.outputs}[m.names.present_key.format(layer=0)] == past
     assert {m.names.seqlens_k, m.names.total_sequence_length, m.names.logits_index} <= names
     assert m.names.attention_mask not in names and m.names.position_ids not in names
-    scalars = {m.names.seqlens_k, m.names.total_sequence_length, m.names.logits_index}
-    assert set(dec.profiles) == names - scalars
+    assert set(dec.profiles) == names - {m.names.total_sequence_length}
     t = m.tokens
     assert t.bos == t.eos == 0
     assert len(t.rates) == 5 and len(t.selections) == 5 and t.item_count == 200
