@@ -139,7 +139,8 @@ def standard_attention(
     past = torch.where(first, torch.zeros_like(length), length - seq)  # (B,) write index
     steps = torch.arange(s, dtype=torch.int64)  # traced as Range over S
     positions = past[:, None] + steps[None, :]  # (B, S)
-    rot = positions.clamp(max=cos.shape[0] - 1)
+    # Min, not Clip: TensorRT's Clip takes floating-point tensors only
+    rot = torch.minimum(positions, torch.tensor(cos.shape[0] - 1, dtype=torch.int64))
     c = torch.cat([cos[rot], cos[rot]], dim=-1)[:, None]  # (B, 1, S, r)
     n = torch.cat([sin[rot], sin[rot]], dim=-1)[:, None]
     r = c.shape[-1]

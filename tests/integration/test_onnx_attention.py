@@ -292,3 +292,17 @@ def test_rewrite_refuses_a_graph_without_placeholders(tiny_artifacts: Path, tmp_
     copy.write_bytes((tiny_artifacts / "decoder.onnx").read_bytes())  # the GQA form: nothing to rewrite
     with pytest.raises(ValueError, match="TensorScatter placeholders"):
         to_tensor_scatter(copy)
+
+
+def test_preflight_passes_for_tensorrt_10_x_and_rejects_10_3(tiny_onnx_attention_artifacts: Path) -> None:
+    """The standard-op decoder is what `unimp preflight --tensorrt 10.x` accepts (onnxruntime runs it at the
+    profile's min and max shapes, total_sequence_length 0-d); TensorRT 10.3 has no TensorScatter."""
+    from export.preflight import preflight
+
+    report = preflight(tiny_onnx_attention_artifacts, "10.x")
+    assert report.ok, report.render()
+    decoder_runs = [r for r in report.runs if r.graph == "decoder"]
+    assert {r.shapes for r in decoder_runs} == {"min", "max"} and all(r.ok for r in decoder_runs)
+    old = preflight(tiny_onnx_attention_artifacts, "10.3", run=False)
+    failed = {(c.graph, c.check) for c in old.checks if c.status == "FAIL"}
+    assert ("decoder", "ops") in failed and ("decoder", "opset") in failed
