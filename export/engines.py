@@ -102,7 +102,9 @@ def _progress_monitor(trt: Any, bar: Any) -> Any:
             super().__init__()
             self.phases: dict[str, tuple[int, int]] = {}
 
-        def phase_start(self, parent_phase: str | None, phase_name: str, num_steps: int) -> None:
+        # TensorRT calls phase_start(phase_name, parent_phase, num_steps): the trampoline in
+        # python/src/infer/pyCore.cpp passes phaseName first, as the simple_progress_monitor sample expects
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             self.phases[phase_name] = (0, num_steps)
             bar.set_postfix_str(phase_name, refresh=True)
 

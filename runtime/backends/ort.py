@@ -93,6 +93,13 @@ def check_settings(config: BackendConfig, facts: DeviceFacts | None) -> None:
         raise ProviderSettingsError(
             f"fp16: TensorRT {facts.tensorrt_version} removed weak typing, so the TensorRT EP has no fp16 switch; "
             "export fp16 graphs instead and leave fp16 off")
+    if config.cuda_graph and config.provider == "tensorrt":
+        # onnxruntime's TensorRT EP (the source read for docs/tensorrt.md "API audit") keeps one CUDA graph per
+        # thread and no gpu_graph_id, so decode windows of different batch sizes would replay the first one's
+        # graph: wrong tokens, silently. Native engines capture their own graphs and never come here.
+        raise ProviderSettingsError(
+            "cuda_graph: not with onnxruntime's TensorRT execution provider (one CUDA graph per thread would be "
+            "replayed for every decode batch size); use provider cuda, or native engines (unimp build-engines)")
     if config.trt_workspace_gb < 0:
         raise ProviderSettingsError(f"trt_workspace_gb: must be >= 0, got {config.trt_workspace_gb}")
     if not 0 <= config.trt_optimization_level <= 5:

@@ -140,9 +140,10 @@ def cuda_options(config: BackendConfig, *, cuda_graph: bool) -> dict[str, Any]:
     return options
 
 
-def tensorrt_options(graph: GraphEntry | None, config: BackendConfig, facts: DeviceFacts, cache_root: Path,
-                     *, cuda_graph: bool) -> dict[str, Any]:
-    """TensorRT EP options: profiles, engine and timing caches, workspace, optimisation level, fp16."""
+def tensorrt_options(graph: GraphEntry | None, config: BackendConfig, facts: DeviceFacts,
+                     cache_root: Path) -> dict[str, Any]:
+    """TensorRT EP options: profiles, engine and timing caches, workspace, optimisation level, fp16. Never
+    ``trt_cuda_graph_enable``: runtime.backends.ort.check_settings refuses ``cuda_graph`` for this EP."""
     options: dict[str, Any] = {
         "device_id": config.device_id,
         "trt_builder_optimization_level": config.trt_optimization_level,
@@ -165,8 +166,6 @@ def tensorrt_options(graph: GraphEntry | None, config: BackendConfig, facts: Dev
             "trt_engine_cache_enable": True, "trt_engine_cache_path": str(engines),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(timing),
         })
-    if cuda_graph:
-        options["trt_cuda_graph_enable"] = True
     return options
 
 
@@ -187,8 +186,7 @@ def ort_providers(graph: GraphEntry | None, config: BackendConfig, facts: Device
     out: ProviderList = []
     if config.provider == "tensorrt":
         # the TensorRT EP captures the graph itself; the CUDA EP then runs only what TensorRT rejected
-        out.append(("TensorrtExecutionProvider", tensorrt_options(graph, config, facts, cache_root,
-                                                                  cuda_graph=cuda_graph)))
+        out.append(("TensorrtExecutionProvider", tensorrt_options(graph, config, facts, cache_root)))
         out.append(("CUDAExecutionProvider", cuda_options(config, cuda_graph=False)))
     else:
         out.append(("CUDAExecutionProvider", cuda_options(config, cuda_graph=cuda_graph)))

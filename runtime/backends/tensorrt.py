@@ -370,7 +370,10 @@ class TensorRTSession:
         rt = cuda.cudart()
         handle = self._stream.handle
         try:
-            cuda.check(rt.cudaStreamBeginCapture(handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal))
+            # thread-local, as trtexec captures (samples/common/sampleDevice.h): a global-mode capture would make
+            # every other thread's cudaMalloc / synchronous copy fail while it lasts (other sessions of a server)
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            cuda.check(rt.cudaStreamBeginCapture(handle, mode))
             try:
                 ok = ctx.execute_async_v3(handle)
             finally:

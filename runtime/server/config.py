@@ -149,8 +149,9 @@ class EngineConfig:
     cuda_graph: bool = field(
         default=False,
         metadata=_help(
-            "cuda and tensorrt providers: capture each decode window's step (inplace KV layout) in a CUDA "
-            "graph and replay it (untested on hardware)"
+            "provider cuda, or tensorrt with native engines: capture each decode window's step (inplace KV "
+            "layout) in a CUDA graph and replay it (untested on hardware); an error with onnxruntime's "
+            "TensorRT EP, which keeps one graph per thread for every batch size"
         ),
     )
     intra_op_threads: int = field(

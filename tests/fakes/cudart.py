@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import sys
+import threading
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class cudaError_t(enum.IntEnum):
     cudaErrorInsufficientDriver = 35
     cudaErrorNoDevice = 100
     cudaErrorInvalidDevice = 101
+    cudaErrorStreamCaptureUnsupported = 900
 
 
 class cudaMemcpyKind(enum.IntEnum):
@@ -35,6 +37,8 @@ class cudaMemcpyKind(enum.IntEnum):
 
 class cudaStreamCaptureMode(enum.IntEnum):
     cudaStreamCaptureModeGlobal = 0
+    cudaStreamCaptureModeThreadLocal = 1
+    cudaStreamCaptureModeRelaxed = 2
 
 
 @dataclass
@@ -72,6 +76,8 @@ class FakeCudart:
         self.pinned: dict[int, ctypes.Array[ctypes.c_char]] = {}
         self.streams: set[int] = set()
         self.capturing: dict[int, Graph] = {}
+        self.capture_modes: dict[int, tuple[cudaStreamCaptureMode, int]] = {}
+        """Capturing stream -> (mode, id of the thread that began the capture)."""
         self.graphs: dict[int, Graph] = {}
         self.launches = 0
         self.calls: list[str] = []
@@ -92,6 +98,17 @@ class FakeCudart:
             graph.ops.append(op)
         else:
             op()
+
+    def _capture_forbids(self) -> tuple[Any] | None:
+        """CUDA's capture-mode rule for "potentially unsafe" calls (cudaMalloc, cudaFree, synchronous copies):
+        forbidden in a thread with its own non-relaxed capture, and in every thread while any thread has a
+        global-mode capture."""
+        me = threading.get_ident()
+        for mode, thread in self.capture_modes.values():
+            if mode == cudaStreamCaptureMode.cudaStreamCaptureModeGlobal or (
+                    thread == me and mode != cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed):
+                return (cudaError_t.cudaErrorStreamCaptureUnsupported,)
+        return None
 
     def check_device(self, address: int, nbytes: int) -> None:
         for base, buf in self.device.items():
@@ -130,6 +147,8 @@ class FakeCudart:
         self.calls.append("cudaMalloc")
         if (failed := self._fail()) is not None:
             return failed
+        if (forbidden := self._capture_forbids()) is not None:
+            return forbidden[0], None
         buf = ctypes.create_string_buffer(b"\xa5" * nbytes, nbytes)  # garbage, as cudaMalloc gives
         address = ctypes.addressof(buf)
         self.device[address] = buf
@@ -137,6 +156,8 @@ class FakeCudart:
 
     def cudaFree(self, address: int) -> tuple[Any]:
         self.calls.append("cudaFree")
+        if (forbidden := self._capture_forbids()) is not None:
+            return forbidden
         if address not in self.device:
             return (cudaError_t.cudaErrorInvalidValue,)
         del self.device[address]
@@ -211,11 +232,15 @@ class FakeCudart:
 
     def cudaStreamBeginCapture(self, stream: Any, mode: Any) -> tuple[Any]:
         self.calls.append("cudaStreamBeginCapture")
+        if not isinstance(mode, cudaStreamCaptureMode):
+            return (cudaError_t.cudaErrorInvalidValue,)
         self.capturing[int(stream)] = Graph()
+        self.capture_modes[int(stream)] = (mode, threading.get_ident())
         return (OK,)
 
     def cudaStreamEndCapture(self, stream: Any) -> tuple[Any, Any]:
         graph = self.capturing.pop(int(stream))
+        self.capture_modes.pop(int(stream), None)
         handle = self._handle()
         self.graphs[handle] = graph
         return OK, handle

@@ -354,8 +354,13 @@ class Builder:
         assert isinstance(trt, FakeTensorRT)
         monitor = config.progress_monitor
         if monitor is not None:
-            monitor.phase_start(None, "Building engine", 2)  # type: ignore[attr-defined]
+            # the real trampoline's argument order: phase_start(phase_name, parent_phase, num_steps)
+            monitor.phase_start("Building engine", None, 2)  # type: ignore[attr-defined]
             monitor.step_complete("Building engine", 0)  # type: ignore[attr-defined]
+            monitor.phase_start("Tactic selection", "Building engine", 3)  # type: ignore[attr-defined]
+            for step in range(3):
+                monitor.step_complete("Tactic selection", step)  # type: ignore[attr-defined]
+            monitor.phase_finish("Tactic selection")  # type: ignore[attr-defined]
             monitor.step_complete("Building engine", 1)  # type: ignore[attr-defined]
             monitor.phase_finish("Building engine")  # type: ignore[attr-defined]
         outputs = {t.name: t for t in network.outputs}

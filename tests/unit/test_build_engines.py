@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.engines import BuildConfig, BuildError, build_engines
+from export.engines import BuildConfig, BuildError, build_engines, build_plan
 from runtime.backends import BackendConfig, open_session
 from runtime.backends.cuda import probe
 from runtime.backends.engines import check_engines, engine_key, engine_profiles
@@ -74,6 +74,26 @@ def _decoder_feeds(m, session: TensorRTSession) -> dict[str, np.ndarray]:  # typ
         lo = engine.get_tensor_profile_shape(t.name, 1)[0] if -1 in t.shape else t.shape
         feeds[t.name] = np.zeros(lo, fake_trt.nptype(t.dtype))
     return feeds
+
+
+class _Bar:
+    def __init__(self) -> None:
+        self.postfixes: list[str] = []
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        self.postfixes.append(text)
+
+
+def test_progress_monitor_shows_tensorrt_phases(art: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # TensorRT calls phase_start(phase_name, parent_phase, num_steps); a nested phase has its parent second
+    cudart = fake_cudart.install(monkeypatch)
+    trt = fake_trt.install(monkeypatch, cudart)
+    m = load_manifest(art)
+    bar = _Bar()
+    build_plan(trt, art / m.graphs["vision"].file, engine_profiles("vision", m.graphs["vision"]), BuildConfig(),
+               tmp_path / "tc.bin", graph="vision", bar=bar)
+    assert bar.postfixes == ["Building engine", "Building engine 1/2", "Tactic selection", "Tactic selection 1/3",
+                             "Tactic selection 2/3", "Tactic selection 3/3", "Building engine 2/2"]
 
 
 def test_precision_selects_graphs(art: Path, monkeypatch: pytest.MonkeyPatch) -> None:

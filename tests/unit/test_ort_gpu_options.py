@@ -143,8 +143,11 @@ def test_cuda_graphs_only_for_the_decode_graph(tmp_path: Path) -> None:
     assert ort_providers(_graph(), config, ORIN, tmp_path, decode_graph=False)[0] == (
         "CUDAExecutionProvider", {"device_id": 0, "arena_extend_strategy": "kNextPowerOfTwo"})
     trt = ort_providers(_graph(), replace(config, provider="tensorrt"), ORIN, tmp_path, decode_graph=True)
-    assert trt[0][1]["trt_cuda_graph_enable"] is True  # type: ignore[index]
-    assert "enable_cuda_graph" not in trt[1][1]  # type: ignore[index]  # TensorRT's graph, not a second one
+    assert "trt_cuda_graph_enable" not in trt[0][1]  # type: ignore[index]
+    assert "enable_cuda_graph" not in trt[1][1]  # type: ignore[index]
+    # the TensorRT EP keeps one graph per thread (no gpu_graph_id): decode windows would share it
+    with pytest.raises(ProviderSettingsError, match=r"^cuda_graph: not with onnxruntime's TensorRT"):
+        ort_backend.check_settings(replace(config, provider="tensorrt"), None)
     assert ort_providers(None, BackendConfig(), None, tmp_path) == ["CPUExecutionProvider"]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -139,6 +140,28 @@ def test_decode_steps_run_as_captured_graphs(tmp_path: Path, fakes: tuple) -> No
                 reuse=True)
     s.run_bound({"input_ids": np.array([[5], [6]]), "seqlens_k": np.array([7, 7], np.int32)}, dict(window), ["logits"])
     assert s.captured_graphs == 2 and cudart.calls.count("cudaStreamBeginCapture") == 2
+    s.close()
+
+
+def test_capture_leaves_other_threads_free_to_allocate(tmp_path: Path, fakes: tuple) -> None:
+    # a server runs other sessions on other threads: a global-mode capture would make their cudaMalloc fail
+    cudart, trt = fakes
+    s = _session(tmp_path, trt)
+    window = {"past_key.0": s.allocate((2, H, CAP, D)).bind(0, 2)}
+    begin, seen = cudart.cudaStreamBeginCapture, []
+
+    def begin_then_allocate_elsewhere(stream: object, mode: object) -> tuple:
+        ret = begin(stream, mode)
+        worker = threading.Thread(target=lambda: seen.append(cudart.cudaMalloc(64)[0]))
+        worker.start()
+        worker.join()
+        return ret
+
+    cudart.cudaStreamBeginCapture = begin_then_allocate_elsewhere
+    for step in range(2):
+        s.run_bound({"input_ids": np.array([[1], [2]]), "seqlens_k": np.array([step, step], np.int32)}, window,
+                    ["logits"], reuse=True)
+    assert seen == [fake_cudart.cudaError_t.cudaSuccess] and s.captured_graphs == 1
     s.close()
 
 
