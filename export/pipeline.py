@@ -19,7 +19,7 @@ from export.checkpoints import build_demo_checkpoint, load_checkpoint
 from export.graphs import export_graph, graph_entry, validate_graph
 from export.modeling.config import CLIP_MEAN, CLIP_STD
 from export.semantic_ids import SEMANTIC_TABLE
-from export.specs import all_specs
+from export.specs import all_specs, check_decoder_form
 from export.vocab import SEMANTIC_CODES, SEMANTIC_LAST_CODES, AddedVocab
 from runtime.catalog import SemanticTable
 from runtime.manifest import (
@@ -50,14 +50,16 @@ def _versions() -> dict[str, str]:
 
 def export_checkpoint(
     ckpt: Path, out: Path, progress: bool = True, source: dict[str, Any] | None = None, diffusion: Path | None = None,
-    vqgan: Path | None = None, kv_layout: str = "inplace",
+    vqgan: Path | None = None, kv_layout: str = "inplace", attention: str = "gqa",
 ) -> Manifest:
     """Load ``ckpt`` (checkpoint directory layout), export and validate every graph, write the manifest.
 
     ``diffusion`` (a diffusers directory) and ``vqgan`` (a taming VQGAN directory) add the optional image
     generation graphs; ``source["vqgan"]`` then records the VQGAN's source and validation. ``kv_layout``:
     the decoder's KV cache form (export.specs.KV_LAYOUTS; "inplace" for onnxruntime, "concat" for
-    TensorRT 10.3)."""
+    TensorRT 10.3). ``attention`` (inplace only): "gqa" (com.microsoft.GroupQueryAttention) or "onnx"
+    (standard ops with an opset-24 TensorScatter cache update: what TensorRT >= 10.15 builds in place)."""
+    check_decoder_form(kv_layout, attention)
     ckpt, out = Path(ckpt), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -72,7 +74,7 @@ def export_checkpoint(
     names = DecoderNames()
     graphs: dict[str, GraphEntry] = {}
     report: dict[str, Any] = {}
-    for spec in all_specs(model, names, kv_layout):
+    for spec in all_specs(model, names, kv_layout, attention):
         rel = f"{spec.name}.onnx"
         steps.set_postfix_str(f"exporting {spec.name}")
         t0 = time.perf_counter()
@@ -135,7 +137,7 @@ def export_checkpoint(
             xattn_heads=cfg.lm.xattn_heads,
             xattn_head_dim=cfg.lm.xattn_dim_head,
             kv_layout=kv_layout,
-            attention="gqa" if kv_layout == "inplace" else "mha",
+            attention=attention if kv_layout == "inplace" else "mha",
         ),
         tokens=TokenIds(**{f.name: getattr(vocab, f.name) for f in fields(TokenIds)}),
         graphs=graphs,
@@ -177,7 +179,7 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
     semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False, train_steps: int | None = None,
-    kv_layout: str = "inplace",
+    kv_layout: str = "inplace", attention: str = "gqa",
 ) -> Manifest:
     """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
 
@@ -185,8 +187,9 @@ def export_demo(
     the seeded random weights (fast, flat logits: what most tests want). ``semantic_ids``: with a
     semantic-ID catalog (see export.semantic_ids; untrained only). ``with_vqgan``: with a seeded demo VQGAN.
     ``train_steps``: with ``trained``, this many optimizer steps instead of the preset's
-    (``export.train.train_preset``).
+    (``export.train.train_preset``). ``kv_layout``, ``attention``: see ``export_checkpoint``.
     """
+    check_decoder_form(kv_layout, attention)
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
@@ -214,7 +217,7 @@ def export_demo(
 
         vqgan_dir = build_demo_vqgan(ckpt / "vqgan", seed=seed)
     return export_checkpoint(ckpt, out, progress=progress, source=source, diffusion=diffusion_dir, vqgan=vqgan_dir,
-                             kv_layout=kv_layout)
+                             kv_layout=kv_layout, attention=attention)
 
 
 def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[str, Any]:
@@ -224,7 +227,8 @@ def validate_artifacts(directory: Path, checkpoint: Path | None = None) -> dict[
     ckpt = checkpoint or (directory / manifest.source["checkpoint"])
     loaded = load_checkpoint(ckpt)
     result: dict[str, Any] = {"artifacts": str(directory), "checkpoint": str(ckpt), "graphs": {}}
-    for spec in all_specs(loaded.model, manifest.names, manifest.decoder.kv_layout):
+    attention = manifest.decoder.attention if manifest.decoder.kv_layout == "inplace" else "gqa"
+    for spec in all_specs(loaded.model, manifest.names, manifest.decoder.kv_layout, attention):
         entry = manifest.graphs[spec.name]
         result["graphs"][spec.name] = validate_graph(spec, directory / entry.file)
     if any(k in manifest.graphs for k in ("unet", "text_encoder", "vae_decoder")):

@@ -529,7 +529,7 @@ def synthesize(model: onnx.ModelProto, entry: GraphEntry, corner: str, ctx: Synt
             value = np.ones(size)
         else:
             value = np.zeros(size)
-        feeds[name] = np.ascontiguousarray(value, dtype=dtype)
+        feeds[name] = np.require(value, dtype, "C")  # 0-d stays 0-d (ascontiguousarray gives (1,))
     return feeds
 
 

@@ -21,13 +21,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from export.modeling.model import UniMP
-from export.modeling.static_cache import StaticCacheDecoder
+from export.modeling.static_cache import (
+    ATTENTIONS,
+    TENSOR_SCATTER_OPSET,
+    StaticCacheDecoder,
+    to_tensor_scatter,
+)
 from runtime.manifest import DecoderNames, TensorSpec
 
 Shapes = dict[str, int]
@@ -49,6 +55,12 @@ class GraphSpec:
     check: Callable[[dict[str, torch.Tensor], Any, Any], float] | None = None
     """Replaces the atol/rtol comparison (single-output graphs): (feeds, expected, actual) -> error,
     raising ValueError when the output is not acceptable (e.g. index outputs where ties may differ)."""
+    reference: nn.Module | None = None
+    """The PyTorch reference validation compares against (default: ``module``'s eager forward)."""
+    opset: int = 17
+    """Default-domain opset of the written graph (recorded in the manifest's graph entry)."""
+    postprocess: Callable[[Path], None] | None = None
+    """Rewrites the exported file in place before validation (e.g. placeholder ops -> opset-24 ops)."""
 
     @property
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
@@ -226,9 +238,9 @@ def decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
 
 
 class _InplaceDecoder(nn.Module):
-    def __init__(self, model: UniMP) -> None:
+    def __init__(self, model: UniMP, attention: str = "gqa") -> None:
         super().__init__()
-        self.decoder = StaticCacheDecoder(model.lm)
+        self.decoder = StaticCacheDecoder(model.lm, attention)
         self.layers = model.cfg.lm.num_hidden_layers
         self.blocks = len(model.cfg.lm.xattn_layers)
 
@@ -247,10 +259,17 @@ class _InplaceDecoder(nn.Module):
         return (logits, *[t for kv in presents for t in kv])
 
 
-def inplace_decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
+def inplace_decoder_spec(model: UniMP, names: DecoderNames, attention: str = "gqa") -> GraphSpec:
     """The ``inplace`` decoder. Validation cases: a first prompt (all rows full: ORT leaves the K/V of
     right-padding positions unspecified, so padded prompts are checked through the runtime's logits
-    instead), decode steps with per-row lengths, and a prompt continued after a cached prefix."""
+    instead), decode steps with per-row lengths, and a prompt continued after a cached prefix.
+
+    ``attention`` (export.modeling.static_cache.ATTENTIONS): "gqa" (com.microsoft.GroupQueryAttention,
+    opset 17) or "onnx" (standard ops with TensorScatter-24, opset 24; the same I/O), validated against
+    the GQA reference."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    onnx_form = attention == "onnx"
     c = model.cfg.lm
     n = model.num_latents
     hd, h = c.head_dim, c.num_attention_heads
@@ -298,7 +317,7 @@ def inplace_decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
     profiles = {s.name: _profile(s, dims_lo, dims_opt, dims_hi) for s in [ids, seqlens, ttime, index, *past, *memory]}
     return GraphSpec(
         "decoder",
-        _InplaceDecoder(model),
+        _InplaceDecoder(model, attention),
         [ids, seqlens, total, ttime, index, *past, *memory],
         [logits, *present],
         sample,
@@ -311,6 +330,9 @@ def inplace_decoder_spec(model: UniMP, names: DecoderNames) -> GraphSpec:
         profiles=profiles,
         atol=1e-4,
         rtol=1e-3,
+        reference=_InplaceDecoder(model) if onnx_form else None,
+        opset=TENSOR_SCATTER_OPSET if onnx_form else 17,
+        postprocess=to_tensor_scatter if onnx_form else None,
     )
 
 
@@ -318,8 +340,19 @@ KV_LAYOUTS = ("inplace", "concat")
 """Decoder KV layouts ``unimp export --kv-layout`` writes (runtime.manifest.DecoderDims.kv_layout)."""
 
 
-def all_specs(model: UniMP, names: DecoderNames, kv_layout: str = "inplace") -> list[GraphSpec]:
+def check_decoder_form(kv_layout: str, attention: str) -> None:
+    """Raise ValueError unless (kv_layout, attention) is a decoder form ``unimp export`` writes: ``attention``
+    ("gqa" or "onnx", see inplace_decoder_spec) chooses among ``inplace`` decoders only."""
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
-    decoder = inplace_decoder_spec(model, names) if kv_layout == "inplace" else decoder_spec(model, names)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    if kv_layout != "inplace" and attention != "gqa":
+        raise ValueError(f"attention {attention!r} needs the inplace KV layout (the concat layout is standard ops "
+                         "already)")
+
+
+def all_specs(model: UniMP, names: DecoderNames, kv_layout: str = "inplace", attention: str = "gqa") -> list[GraphSpec]:
+    check_decoder_form(kv_layout, attention)
+    decoder = inplace_decoder_spec(model, names, attention) if kv_layout == "inplace" else decoder_spec(model, names)
     return [vision_spec(model, names), media_kv_spec(model, names), decoder]

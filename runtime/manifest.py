@@ -96,8 +96,9 @@ class DecoderDims:
     that is input and output at once, written at each row's position; attention op ``attention``) or
     "concat" (present = Concat(past, new), returned and fed back; what TensorRT 10.3 / JetPack 6 builds)."""
     attention: str = "mha"
-    """Self-attention op of the decoder graph: "gqa" (com.microsoft.GroupQueryAttention, in place) or "mha"
-    (standard ops, concat layout)."""
+    """Self-attention op of the decoder graph: "gqa" (com.microsoft.GroupQueryAttention, in place), "onnx"
+    (inplace layout in standard ops: opset-24 TensorScatter cache update + MatMul/Softmax; the same I/O as
+    "gqa") or "mha" (standard ops, concat layout)."""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,17 @@ def tiny_concat_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_attention_artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same untrained tiny demo with the ``inplace`` layout in standard ops (``--attention onnx``:
+    TensorScatter-24 + MatMul/Softmax instead of GroupQueryAttention)."""
+    from export.pipeline import export_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo_onnx_attention")
+    export_demo("tiny", out, seed=0, progress=False, with_diffusion=False, attention="onnx")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_artifacts_with_vqgan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny demo exported once with its seeded VQGAN graphs (the paper's image-code path)."""
     from export.pipeline import export_demo

@@ -28,15 +28,21 @@ def _export(args: argparse.Namespace) -> int:
     if args.train_steps is not None and args.train_steps < 1:
         print(f"error: --train-steps: must be >= 1, got {args.train_steps}", file=sys.stderr)
         return 2
+    if args.attention != "gqa" and args.kv_layout != "inplace":
+        print(f"error: --attention: {args.attention} needs --kv-layout inplace (concat is standard ops already)",
+              file=sys.stderr)
+        return 2
     try:
         if args.demo:
             manifest = export_demo(args.demo, args.out, seed=args.seed, progress=not args.quiet,
                                    with_diffusion=not args.no_diffusion, semantic_ids=args.semantic_ids,
                                    with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids),
-                                   train_steps=args.train_steps, kv_layout=args.kv_layout)
+                                   train_steps=args.train_steps, kv_layout=args.kv_layout,
+                                   attention=args.attention)
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
-                                         diffusion=args.diffusion, vqgan=args.vqgan, kv_layout=args.kv_layout)
+                                         diffusion=args.diffusion, vqgan=args.vqgan, kv_layout=args.kv_layout,
+                                         attention=args.attention)
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -275,9 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=None, metavar="N",
                    help="with --demo (trained): N optimizer steps instead of the preset's (tiny 300, small 300)")
     p.add_argument("--kv-layout", choices=["inplace", "concat"], default="inplace",
-                   help="decoder KV cache form: inplace (GroupQueryAttention over a static buffer written in place; "
-                        "onnxruntime CPU/CUDA) or concat (present = Concat(past, new), for TensorRT 10.3 / "
+                   help="decoder KV cache form: inplace (a static buffer written in place, attention per "
+                        "--attention; onnxruntime CPU/CUDA, TensorRT >= 10.15 with --attention onnx) or concat (present = Concat(past, new), for TensorRT 10.3 / "
                         "JetPack 6); default %(default)s")
+    p.add_argument("--attention", choices=["gqa", "onnx"], default="gqa",
+                   help="with --kv-layout inplace, the decoder's self-attention: gqa (com.microsoft."
+                        "GroupQueryAttention; onnxruntime) or onnx (standard ops only, opset 24: TensorScatter "
+                        "cache update + MatMul/Softmax, what TensorRT >= 10.15 builds in place); default %(default)s")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_export)
 

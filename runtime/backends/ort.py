@@ -287,8 +287,9 @@ class OrtSession:
                 if len(self._bindings) >= _BINDINGS_KEPT:
                     self._bindings.pop(next(iter(self._bindings)))
                 self._bindings[id(bound)] = (bound, list(outputs), io)
+        # np.require keeps 0-d feeds 0-d (np.ascontiguousarray makes them (1,), which a [] input rejects)
         for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
+            io.bind_cpu_input(name, np.require(value, requirements="C"))
         self._session.run_with_iobinding(io, self._plain)
         values = io.get_outputs()
         return {name: values[i].numpy() for i, name in enumerate(outputs)}
@@ -312,7 +313,7 @@ class OrtSession:
             self._bind(io, bound, outputs, "cpu")  # host outputs for the first step, which gives their shapes
             inputs = {}
             for name, value in feeds.items():
-                value = np.ascontiguousarray(value)
+                value = np.require(value, requirements="C")  # 0-d stays 0-d
                 buffer = api.DeviceBuffer(tuple(value.shape), value.dtype, device_id=self._device_id)
                 io.bind_input(name, self._device, self._device_id, value.dtype, list(value.shape), buffer.address)
                 inputs[name] = (buffer, tuple(value.shape), value.dtype)
@@ -322,7 +323,7 @@ class OrtSession:
             self._graphs[id(bound)] = state
         for name, value in feeds.items():
             buffer, shape, dtype = state.inputs[name]
-            host = np.ascontiguousarray(value, dtype)
+            host = np.require(value, dtype, "C")
             if host.shape != shape:
                 raise ValueError(f"{name}: a CUDA-graph window takes shape {shape} every step, got {host.shape}")
             api.to_device(buffer.address, host, None)

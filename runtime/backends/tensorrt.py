@@ -234,7 +234,8 @@ class TensorRTSession:
         missing = [n for n in self._inputs if n not in feeds and n not in bound]
         if missing:
             raise ValueError(f"{self._path.name}: input {missing[0]!r} is neither fed nor bound")
-        arrays = {n: np.ascontiguousarray(v, self._dtypes[n]) for n, v in feeds.items()}
+        # np.require keeps 0-d feeds 0-d (total_sequence_length is []; ascontiguousarray makes it (1,))
+        arrays = {n: np.require(v, self._dtypes[n], "C") for n, v in feeds.items()}
         shapes = {n: tuple(a.shape) for n, a in arrays.items()}
         shapes.update({n: b.shape for n, b in bound.items() if n in self._input_set})
         p = self._select_profile(shapes)

@@ -1,0 +1,308 @@
+"""The ``inplace`` decoder in standard ONNX ops (``unimp export --attention onnx``) against GQA and concat.
+
+The tiny demo is exported three times from the same seeded checkpoint: ``inplace`` with
+GroupQueryAttention, ``inplace`` with TensorScatter-24 + MatMul/Softmax, and ``concat``. The standard-op
+graph must hold only default-domain ops at opset 24, generate the same tokens as the other two (greedy and
+beam), give the same logits within a scaled tolerance, and update the bound KV buffer in place.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.modeling.static_cache import GroupQueryAttention, standard_attention
+from runtime.backends import BackendConfig
+from runtime.decoder.runner import PrefillRow
+from runtime.engine import Runtime, RuntimeConfig
+from runtime.manifest import load_manifest
+from runtime.prompts import encode, preference_prompt
+from runtime.types import (
+    BeamOptions,
+    DecodeMode,
+    HistoryItem,
+    PreferenceRequest,
+    PreferenceResult,
+    RecommendRequest,
+    SamplingOptions,
+    TextPiece,
+)
+
+HISTORY = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (3, 17, 42, 8))
+RATED = tuple(HistoryItem(item_id=f"P{k:05d}", rating=r, explanation=e)
+              for k, r, e in ((5, 4, "Great fit."), (9, 2, "Too small."), (12, 5, "Love the colour.")))
+COPY_WARNING = "in-place optimization not activated"
+
+
+def _open(artifacts: Path, cache: Path) -> Runtime:
+    cfg = RuntimeConfig(backend=BackendConfig(intra_op_threads=1), progress=False, latent_cache_dir=cache)
+    return Runtime.open(artifacts, cfg)
+
+
+@pytest.fixture(scope="module")
+def onnx_rt(tiny_onnx_attention_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    rt = _open(tiny_onnx_attention_artifacts, tmp_path_factory.mktemp("lat_onnx"))
+    assert rt.manifest.decoder.attention == "onnx" and rt.decoder.kv_layout == "inplace"
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def gqa_rt(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    rt = _open(tiny_artifacts, tmp_path_factory.mktemp("lat_gqa"))
+    assert rt.manifest.decoder.attention == "gqa"
+    yield rt
+    rt.close()
+
+
+@pytest.fixture(scope="module")
+def concat_rt(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    rt = _open(tiny_concat_artifacts, tmp_path_factory.mktemp("lat_concat_onnx"))
+    assert rt.decoder.kv_layout == "concat"
+    yield rt
+    rt.close()
+
+
+def _explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]:
+    events = list(rt.explain(req))
+    final = events[-1]
+    assert isinstance(final, PreferenceResult)
+    return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
+
+
+def _target(k: int) -> HistoryItem:
+    return HistoryItem(item_id=f"P{20 + k:05d}")
+
+
+def test_standard_attention_equals_gqa_semantics_on_ragged_rows() -> None:
+    """Eager forms, no export: right-padded first prompts of different lengths and decode steps at
+    different past lengths give GQA's outputs (zeros at padded queries) and its K/V at every real position."""
+    g = torch.Generator().manual_seed(0)
+    heads, hd, cap = 2, 8, 12
+    inv = 1.0 / (10000 ** (torch.arange(0, 4, 2, dtype=torch.float32) / 4))
+    pos = torch.arange(32, dtype=torch.float32)[:, None] * inv[None]
+    cos, sin = pos.cos(), pos.sin()
+    for s, lengths, first in ((5, [5, 3, 1], True), (1, [7, 4, 9], False), (3, [6, 3, 10], False)):
+        b = len(lengths)
+        q, k, v = (torch.randn(b, s, heads * hd, generator=g) for _ in range(3))
+        past_k, past_v = torch.randn(b, heads, cap, hd, generator=g), torch.randn(b, heads, cap, hd, generator=g)
+        seqlens = torch.tensor([x - 1 for x in lengths], dtype=torch.int32)
+        total = torch.tensor(s if first else max(lengths), dtype=torch.int32)
+        want = GroupQueryAttention.apply(q, k, v, past_k, past_v, seqlens, total, cos, sin, heads)
+        got = standard_attention(q, k, v, past_k, past_v, seqlens, total, cos, sin, heads)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        for row, length in enumerate(lengths):  # written positions beyond a row's length are unspecified
+            torch.testing.assert_close(got[1][row, :, :length], want[1][row, :, :length], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[2][row, :, :length], want[2][row, :, :length], rtol=1e-6, atol=1e-6)
+        if first:
+            assert torch.all(got[0][2, 1:] == 0) and torch.any(got[0][2, 0] != 0)
+
+
+def test_graph_is_default_domain_opset_24(tiny_onnx_attention_artifacts: Path, tiny_artifacts: Path) -> None:
+    m = load_manifest(tiny_onnx_attention_artifacts)
+    assert m.decoder.kv_layout == "inplace" and m.decoder.attention == "onnx" and m.graphs["decoder"].opset == 24
+    gqa_entry = load_manifest(tiny_artifacts).graphs["decoder"]
+    assert [s.name for s in m.graphs["decoder"].inputs] == [s.name for s in gqa_entry.inputs]  # the same contract
+    assert [s.shape for s in m.graphs["decoder"].outputs] == [s.shape for s in gqa_entry.outputs]
+    model = onnx.load(str(tiny_onnx_attention_artifacts / "decoder.onnx"))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 24)]
+    assert {n.domain for n in model.graph.node} == {""}
+    scatters = [n for n in model.graph.node if n.op_type == "TensorScatter"]
+    assert len(scatters) == 2 * m.decoder.num_layers
+    for node in scatters:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs == {"axis": 2, "mode": b"linear"}
+    assert not any(n.op_type in ("GroupQueryAttention", "Attention") for n in model.graph.node)
+    outputs = {o for n in scatters for o in n.output}
+    assert {f"present_{kv}.{i}" for kv in ("key", "value") for i in range(m.decoder.num_layers)} <= outputs
+    gqa = onnx.load(str(tiny_artifacts / "decoder.onnx"))  # the walk tells the two forms apart
+    assert any(n.domain == "com.microsoft" and n.op_type == "GroupQueryAttention" for n in gqa.graph.node)
+    report = m.source["validation"]["decoder"]
+    assert report["cases"] == 4 and report["max_abs_error"] < 1e-4
+
+
+def test_greedy_explain_matches_gqa_and_concat(onnx_rt: Runtime, gqa_rt: Runtime, concat_rt: Runtime) -> None:
+    req = PreferenceRequest(RATED, _target(1), SamplingOptions(max_new_tokens=12))
+    text, res = _explain(onnx_rt, req)
+    for other in (gqa_rt, concat_rt):
+        text_b, res_b = _explain(other, req)
+        assert text == text_b and res.rating == res_b.rating and res.timings.tokens == res_b.timings.tokens
+        np.testing.assert_allclose(res.rating_distribution, res_b.rating_distribution, rtol=1e-5, atol=1e-7)
+    assert res.timings.tokens > 1
+
+
+@pytest.mark.parametrize("mode", [DecodeMode.BEAM, DecodeMode.BEAM_CONSTRAINED])
+def test_beam_recommend_matches_gqa_and_concat(onnx_rt: Runtime, gqa_rt: Runtime, concat_rt: Runtime,
+                                                mode: DecodeMode) -> None:
+    req = RecommendRequest(HISTORY, top_k=4, mode=mode, beam=BeamOptions(num_beams=4, num_return_sequences=4,
+                                                                            max_new_tokens=5))
+    a = onnx_rt.recommend(req)
+    assert a.timings.tokens > 0 and (mode != DecodeMode.BEAM_CONSTRAINED or len(a.items) == 4)
+    for other in (gqa_rt, concat_rt):
+        b = other.recommend(req)
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.timings.tokens == b.timings.tokens
+        np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], rtol=1e-5, atol=1e-6)
+
+
+def test_beam_explanation_matches_gqa(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
+    req = PreferenceRequest(RATED, _target(2), SamplingOptions(max_new_tokens=6, num_beams=3))
+    assert _explain(onnx_rt, req)[0] == _explain(gqa_rt, req)[0]
+
+
+def test_right_padded_batch_logits_match_gqa(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
+    """Rows of three lengths, right-padded in one call: each row's logits equal its own call's and GQA's."""
+    t = onnx_rt.manifest.tokens
+    rows = []
+    for k, history in enumerate((RATED[:1], RATED, RATED[:2])):
+        prompt = encode(preference_prompt(onnx_rt.resolve(history), onnx_rt.resolve((_target(k),), "target")[0]),
+                        onnx_rt.tokenizer, t.endofchunk, t.image)
+        rows.append(PrefillRow(prompt.ids, onnx_rt.media.memory_for(prompt.prompt.images)[0]))
+    assert len({len(r.ids) for r in rows}) == 3
+    batched, reference = onnx_rt.decoder.prefill_batch(rows), gqa_rt.decoder.prefill_batch(rows)
+    scale = float(np.abs(reference).max())
+    np.testing.assert_allclose(batched, reference, rtol=1e-5, atol=1e-5 * scale)
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(batched[i], onnx_rt.decoder.prefill_batch([row])[0], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_prefix_hit_and_concurrent_streams_copy_nothing_per_step(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
+    """A prefix-cache hit continues a prompt after cached positions (seq < total); 6 streams of different
+    lengths step together in one call per step with no KV copy, and each gives GQA's text."""
+    onnx_rt.prefix_cache.clear()
+    req = PreferenceRequest(RATED, _target(3), SamplingOptions(max_new_tokens=8), tenant="hit")
+    miss_text, miss = _explain(onnx_rt, req)
+    hit_text, hit = _explain(onnx_rt, req)
+    assert not miss.timings.prefix_cache_hit and hit.timings.prefix_cache_hit and hit_text == miss_text
+    np.testing.assert_allclose(hit.rating_distribution, miss.rating_distribution, rtol=1e-5, atol=1e-7)
+
+    reqs = [PreferenceRequest(RATED[: 1 + k % 3], _target(k), SamplingOptions(max_new_tokens=3 + 3 * k))
+            for k in range(6)]
+    expected = [_explain(gqa_rt, r)[0] for r in reqs]
+    pool = onnx_rt.decoder.pool  # type: ignore[attr-defined]
+    addresses = [b.bind(0, 1).address for b in (*pool.keys, *pool.values)]
+    before = onnx_rt.stats()
+    results: list[str | None] = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        results[i] = _explain(onnx_rt, reqs[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    after = onnx_rt.stats()
+    assert results == expected
+    assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
+    assert after["kv_copy_bytes_step"] == before["kv_copy_bytes_step"]
+    assert [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] == addresses  # bound where they were
+    assert after["kv_pool_rows_used"] == 0 and pool.used == 0
+
+
+def _decode_feeds(m, batch: int, capacity: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
+    """Host feeds of one decode step (rows at lengths 5, 3, ...) and one KV buffer per past/present pair."""
+    d, n = m.decoder, m.names
+    lengths = np.array([5 - 2 * (r % 2) for r in range(batch)]) + 1
+    feeds = {
+        n.input_ids: np.arange(1, batch + 1, dtype=np.int64)[:, None],
+        n.seqlens_k: (lengths - 1).astype(np.int32),
+        n.total_sequence_length: np.array(lengths.max(), np.int32),
+        n.text_time: np.zeros((batch, 1), np.int64),
+        n.logits_index: np.zeros(batch, np.int64),
+    }
+    rng = np.random.default_rng(0)
+    for j in range(len(d.xattn_layers)):
+        for tmpl in (n.xattn_key, n.xattn_value):
+            feeds[tmpl.format(block=j)] = rng.standard_normal(
+                (batch, d.xattn_heads, m.vision.num_latents, d.xattn_head_dim)).astype(np.float32)
+    buffers = {tmpl.format(layer=i): rng.standard_normal((batch, d.num_heads, capacity, d.head_dim)).astype(np.float32)
+               for i in range(d.num_layers) for tmpl in (n.past_key, n.past_value)}
+    return feeds, buffers
+
+
+def test_bound_cache_is_updated_in_place_without_a_copy(onnx_rt: Runtime, tiny_onnx_attention_artifacts: Path,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """The served (ORT-optimised) graph with past and present bound to one buffer: present's address is the
+    buffer's, the new token lands at each row's position, nothing else changes, and onnxruntime does not
+    warn that it copied; run unbound, the same graph does warn (so the check can fail)."""
+    m = onnx_rt.manifest
+    served = sorted((tiny_onnx_attention_artifacts / ".ort-cache").glob("decoder.cpu.*.onnx"))
+    assert served, "the runtime did not write its optimised decoder"
+    options = ort.SessionOptions()
+    options.log_severity_level = 2  # warnings on (the runtime itself logs errors only)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(served[0]), sess_options=options, providers=["CPUExecutionProvider"])
+    feeds, buffers = _decode_feeds(m, batch=3, capacity=16)
+    before = {k: v.copy() for k, v in buffers.items()}
+    lengths = feeds[m.names.seqlens_k].astype(np.int64) + 1
+    io = session.io_binding()
+    io.bind_output(m.names.logits, "cpu")
+    presents = []
+    for i in range(m.decoder.num_layers):
+        for past, present in ((m.names.past_key, m.names.present_key), (m.names.past_value, m.names.present_value)):
+            buf = buffers[past.format(layer=i)]
+            io.bind_input(past.format(layer=i), "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            io.bind_output(present.format(layer=i), "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+            presents.append(buf)
+    for name, value in feeds.items():
+        io.bind_cpu_input(name, value)
+    capfd.readouterr()
+    session.run_with_iobinding(io)
+    bound_err = capfd.readouterr().err
+    outputs = io.get_outputs()
+    assert [o.data_ptr() for o in outputs[1:]] == [b.ctypes.data for b in presents]
+    for name, buf in buffers.items():
+        for row, length in enumerate(lengths):
+            np.testing.assert_array_equal(buf[row, :, : length - 1], before[name][row, :, : length - 1])
+            np.testing.assert_array_equal(buf[row, :, length:], before[name][row, :, length:])
+            assert np.all(buf[row, :, length - 1] != before[name][row, :, length - 1])
+    assert COPY_WARNING not in bound_err
+
+    session.run(None, {**feeds, **before})
+    assert COPY_WARNING in capfd.readouterr().err
+
+
+def test_onnx_attention_needs_the_inplace_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from export.specs import check_decoder_form
+    from unimp.cli import main
+
+    assert main(["export", "--demo", "tiny", "--out", str(tmp_path / "x"), "--kv-layout", "concat",
+                 "--attention", "onnx", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: --attention: onnx needs --kv-layout inplace")
+    assert not (tmp_path / "x").exists()  # refused before building anything
+    with pytest.raises(ValueError, match="needs the inplace KV layout"):
+        check_decoder_form("concat", "onnx")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        check_decoder_form("inplace", "flash")
+    check_decoder_form("inplace", "onnx")
+    check_decoder_form("concat", "gqa")
+
+
+def test_rewrite_refuses_a_graph_without_placeholders(tiny_artifacts: Path, tmp_path: Path) -> None:
+    from export.modeling.static_cache import to_tensor_scatter
+
+    copy = tmp_path / "decoder.onnx"
+    copy.write_bytes((tiny_artifacts / "decoder.onnx").read_bytes())  # the GQA form: nothing to rewrite
+    with pytest.raises(ValueError, match="TensorScatter placeholders"):
+        to_tensor_scatter(copy)
+
+
+def test_preflight_passes_for_tensorrt_10_x_and_rejects_10_3(tiny_onnx_attention_artifacts: Path) -> None:
+    """The standard-op decoder is what `unimp preflight --tensorrt 10.x` accepts (onnxruntime runs it at the
+    profile's min and max shapes, total_sequence_length 0-d); TensorRT 10.3 has no TensorScatter."""
+    from export.preflight import preflight
+
+    report = preflight(tiny_onnx_attention_artifacts, "10.x")
+    assert report.ok, report.render()
+    decoder_runs = [r for r in report.runs if r.graph == "decoder"]
+    assert {r.shapes for r in decoder_runs} == {"min", "max"} and all(r.ok for r in decoder_runs)
+    old = preflight(tiny_onnx_attention_artifacts, "10.3", run=False)
+    failed = {(c.graph, c.check) for c in old.checks if c.status == "FAIL"}
+    assert ("decoder", "ops") in failed and ("decoder", "opset") in failed
