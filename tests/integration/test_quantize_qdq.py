@@ -17,7 +17,14 @@ from onnx import TensorProto, numpy_helper
 from export.quantize import QuantizeConfig, QuantizeError, nonstandard_ops, quantize_artifacts
 from runtime.engine import Runtime
 from runtime.manifest import MANIFEST_NAME, load_manifest
-from runtime.types import HistoryItem, PreferenceRequest, RecommendRequest, SamplingOptions, SearchRequest, SelectRequest
+from runtime.types import (
+    HistoryItem,
+    PreferenceRequest,
+    RecommendRequest,
+    SamplingOptions,
+    SearchRequest,
+    SelectRequest,
+)
 from tests.integration.eval_fixtures import copy_artifacts, write_splits
 from tests.integration.test_quantize import RATED, _const_matmuls, _explained, _open
 from unimp.cli import main
