@@ -1,4 +1,4 @@
-"""``unimp quantize``: the precision ladder (int8 / int4 weights) over an artifacts directory.
+"""``unimp quantize``: the precision ladder (int8 / int4 / fp16 weights) over an artifacts directory.
 
 Writes a complete new artifacts directory: the quantized graphs, every other file hard-linked (copied where
 the file system cannot link) from the source, and its own ``manifest.json`` whose graph entries carry the
@@ -12,9 +12,21 @@ guard's per-task verdict (``guard``), which ``unimp serve`` reads to warn about 
   activations are quantized at run time: DynamicQuantizeLinear + MatMulInteger);
 - int4: ``MatMulNBitsQuantizer`` (symmetric, block-wise, ``MatMulNBits`` with an ``accuracy_level``).
 
-Embeddings are Gather nodes and stay fp32; ``keep_lm_head`` keeps the decoder's LM head (the MatMul whose
-weight has the vocabulary as its last dimension) fp32 too. Needs the ``onnx`` package (export extra), never
-torch.
+``qdq`` format (explicit quantization in standard ONNX ops: what TensorRT builds, and onnxruntime runs):
+
+- int8: ``quantize_static`` with ``QuantFormat.QDQ`` on the MatMul / Conv / Gemm nodes with a constant
+  weight: int8 weights per output channel and int8 activations per tensor, both symmetric (zero point 0),
+  MinMax calibration on feeds recorded from the runtime (``export.calibration``);
+- int4: ``MatMulNBitsQuantizer`` with ``quant_format=QDQ``: blocked int4 ``DequantizeLinear`` weights
+  (opset 21), weight-only. A source graph with ``com.microsoft`` ops (the ``inplace`` decoder's
+  GroupQueryAttention) is refused with the fix.
+
+``fp16``: onnxruntime's float16 converter with ``keep_io_types`` (fp32 graph I/O), for the text and the
+diffusion graphs; a GPU precision that onnxruntime CPU also runs (slowly), for the guard.
+
+Embeddings are Gather nodes and stay fp32 (int8 / int4); ``keep_lm_head`` keeps the decoder's LM head (the
+MatMul whose weight has the vocabulary as its last dimension) fp32 too. Needs the ``onnx`` package (export
+extra), never torch.
 """
 
 from __future__ import annotations
@@ -45,13 +57,14 @@ FP16_GRAPHS = QUANTIZABLE + DIFFUSION
 DEFAULT_CALIBRATION = 16
 QDQ_OPS = ("MatMul", "Conv", "Gemm")
 """int8 qdq: the nodes with a constant weight of these types get Q/DQ pairs (weights per channel)."""
+STANDARD_DOMAINS = ("", "ai.onnx")
+"""The default ONNX op domain (what ``qdq`` graphs may use)."""
 SKIPPED = (".cache", ".ort-cache")
 """Top-level entries never carried over: caches derived from the source graphs."""
 QUANTIZED_OPS = {("int8", "cpu"): ("DynamicQuantizeLinear", "MatMulInteger"), ("int4", "cpu"): ("MatMulNBits",),
                  ("int8", "qdq"): ("QuantizeLinear", "DequantizeLinear"), ("int4", "qdq"): ("DequantizeLinear",),
                  ("fp16", "cpu"): ("Cast",)}
-
-
+"""(precision, format) -> the op types whose count the manifest records per converted graph."""
 FP16_BLOCKED = ("GroupQueryAttention",)
 """fp16: ops kept in fp32 besides the converter's default block list (the in-place KV cache stays fp32)."""
 
@@ -183,9 +196,6 @@ def _quiet_tooling() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 def nonstandard_ops(path: Path) -> list[str]:

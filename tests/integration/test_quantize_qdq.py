@@ -221,3 +221,51 @@ def test_bad_precision_settings_name_the_flag(src: Path, tmp_path: Path) -> None
         with pytest.raises(QuantizeError) as info:
             quantize_artifacts(src, tmp_path / "x", config, progress=False)
         assert str(info.value).startswith(prefix), str(info.value)
+
+
+def test_fp16_of_the_inplace_decoder_keeps_its_kv_fp32_and_serves(tiny_artifacts: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    quantize_artifacts(tiny_artifacts, out, QuantizeConfig(precision="fp16"), progress=False)
+    manifest = load_manifest(out, verify=True)
+    model = onnx.load(str(out / manifest.graphs["decoder"].file))
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert gqa, "the inplace decoder attends with GroupQueryAttention"
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in gqa:  # its query arrives cast back to fp32: the op runs in fp32 over the fp32 KV pool
+        assert producers[node.input[0]].op_type == "Cast"
+    assert manifest.kv_dtype == "float32"
+    req = PreferenceRequest(RATED, HistoryItem(item_id="P00021"), SamplingOptions(max_new_tokens=8))
+    ref, rt = _open(tiny_artifacts, tmp_path / "lat0"), _open(out, tmp_path / "lat1")
+    try:
+        # measured 5.7e-5 on this demo (AMD EPYC)
+        np.testing.assert_allclose(rt.predict_preference(req).rating_distribution,
+                                   ref.predict_preference(req).rating_distribution, atol=RATING_ATOL["fp16"])
+        assert _explained(rt, req).timings.tokens >= 1
+    finally:
+        rt.close()
+        ref.close()
+
+
+def test_fp16_converts_the_diffusion_graphs_behind_fp32_io(tiny_artifacts_with_diffusion: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    quantize_artifacts(tiny_artifacts_with_diffusion, out, QuantizeConfig(precision="fp16"), progress=False)
+    manifest = load_manifest(out, verify=True)
+    assert manifest.source["quantization"]["graphs"] == sorted((*GRAPHS, "text_encoder", "unet", "vae_decoder"))
+    rng = np.random.default_rng(0)
+    feeds = {"text_encoder": {"input_ids": rng.integers(0, 100, (1, 16), dtype=np.int64)},
+             "unet": {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32),
+                      "timestep": np.array([500.0], np.float32),
+                      "encoder_hidden_states": rng.standard_normal((1, 16, 32), dtype=np.float32)},
+             "vae_decoder": {"latents": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)}}
+    for name, feed in feeds.items():
+        assert manifest.graphs[name].precision == "fp16"
+        fp16 = ort.InferenceSession(str(out / manifest.graphs[name].file), providers=["CPUExecutionProvider"])
+        fp32 = ort.InferenceSession(str(tiny_artifacts_with_diffusion / manifest.graphs[name].file),
+                                    providers=["CPUExecutionProvider"])
+        assert [i.type for i in fp16.get_inputs()] == [i.type for i in fp32.get_inputs()]
+        got, want = fp16.run(None, feed)[0], fp32.run(None, feed)[0]
+        assert got.dtype == want.dtype == np.float32
+        scale = float(np.abs(want).max())
+        # fp16 keeps ~3 decimal digits (eps 9.8e-4); 2% of the output magnitude leaves room for what adds up
+        # through the layers, and still catches a wrong conversion (outputs of order 1)
+        np.testing.assert_allclose(got, want, rtol=0, atol=max(1e-3, 2e-2 * scale))
