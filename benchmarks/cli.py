@@ -45,6 +45,8 @@ SECTIONS: dict[str, Section] = {  # in run order
     "load": Section("benchmarks.load", "run", "gRPC load sweep, time to SERVING, server peak RSS"),
     "cluster": Section("benchmarks.cluster", "run",
                        "Ray Serve: 1 vs 2 replicas, per-call overhead, affinity vs default router hit rate"),
+    "precision": Section("benchmarks.precision", "run",
+                         "precision variants side by side: decode, prefill, vision, RSS, bytes, floor, guard"),
 }
 DEFAULT_SECTIONS = "tasks,floor,baselines,load,image"
 PACKAGES = ("unimp-edge", "numpy", "onnxruntime", "onnx", "tokenizers", "torch", "transformers", "diffusers",
@@ -63,6 +65,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repetitions per measurement after a warm-up (default 5, 2 with --quick)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, tokens and steps (smoke runs)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="LABEL=DIR",
+                        help="precision section: the artifacts directories to compare, e.g. fp32=ART int8=DIR "
+                             "int4=DIR (`unimp quantize` outputs; the first is the reference of the ratios; "
+                             "default: --artifacts alone)")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads for ONNX Runtime and torch, equal on both sides (default 2)")
     parser.add_argument("--update-readme", action="store_true",
@@ -165,6 +171,8 @@ def _command(args: argparse.Namespace, order: list[str], artifacts: Path, out: P
              "--sections", ",".join(order), "--repeats", str(repeats), "--threads", str(args.threads)]
     if args.quick:
         parts.append("--quick")
+    if getattr(args, "variants", None):
+        parts += ["--variants", *args.variants]
     return " ".join(shlex.quote(p) for p in parts)
 
 
@@ -214,6 +222,13 @@ def run_bench(args: argparse.Namespace) -> int:
         print("error: --threads must be >= 1", file=sys.stderr)
         return 2
     order = [s for s in SECTIONS if s in names]
+    try:
+        from benchmarks.precision import parse_variants
+
+        variants = parse_variants(getattr(args, "variants", None))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     preset: str = args.preset
     artifacts = Path(args.artifacts) if args.artifacts else Path("out") / f"bench-{preset}"
     out = Path(args.out)
@@ -230,7 +245,8 @@ def run_bench(args: argparse.Namespace) -> int:
         preset = str(demo)
     repeats = args.repeats or (2 if args.quick else 5)
     ctx = BenchContext(artifacts=artifacts, checkpoint=_checkpoint(artifacts, manifest), out=out, repeats=repeats,
-                       quick=bool(args.quick), threads=int(args.threads), extra={"preset": preset})
+                       quick=bool(args.quick), threads=int(args.threads),
+                       extra={"preset": preset, "variants": variants})
     out.mkdir(parents=True, exist_ok=True)
 
     started = datetime.now(timezone.utc)

@@ -124,11 +124,16 @@ def decoder_weight_bytes(path: Path) -> dict[str, Any]:
     graph = model.graph
     sizes: dict[str, int] = {}
     row_bytes: dict[str, int] = {}
+    packed = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}  # two values per byte
     for init in graph.initializer:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
         count = int(np.prod(init.dims)) if len(init.dims) else 1
+        row = count // init.dims[0] if len(init.dims) and init.dims[0] else count
+        if init.data_type in packed:
+            sizes[init.name], row_bytes[init.name] = (count + 1) // 2, (row + 1) // 2
+            continue
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
         sizes[init.name] = count * itemsize
-        row_bytes[init.name] = (count // init.dims[0] if len(init.dims) and init.dims[0] else count) * itemsize
+        row_bytes[init.name] = row * itemsize
     constants = 0
     for node in graph.node:
         if node.op_type == "Constant":

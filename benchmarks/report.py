@@ -52,8 +52,9 @@ Sections (`--sections`, comma-separated; a section whose module is missing is sk
 `tasks` (per-stage latency of every task on the Runtime, TTFT/TPOT, prefix-cache miss vs hit, inline
 images, 1 vs 8 concurrent explain streams, memory), `floor` (memory-bandwidth floor of batch-1 decoding
 vs the measured step, with an ONNX Runtime profile when the target is missed), `image` (GenerateImage per
-stage), `baselines` (upstream open-flamingo, our PyTorch reference, diffusers) and `load` (gRPC sweep,
-time to SERVING, server RSS). Timings are medians after a warm-up; ratios are taken side by side in one
+stage), `baselines` (upstream open-flamingo, our PyTorch reference, diffusers), `load` (gRPC sweep,
+time to SERVING, server RSS) and `precision` (the `--variants LABEL=DIR ...` of `unimp quantize` side by
+side; see Precision). Timings are medians after a warm-up; ratios are taken side by side in one
 run, and the run records how busy the machine was with other work.
 """
 

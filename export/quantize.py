@@ -1,4 +1,4 @@
-"""``unimp quantize``: the precision ladder (int8 / int4 weights) over an artifacts directory.
+"""``unimp quantize``: the precision ladder (int8 / int4 / fp16 weights) over an artifacts directory.
 
 Writes a complete new artifacts directory: the quantized graphs, every other file hard-linked (copied where
 the file system cannot link) from the source, and its own ``manifest.json`` whose graph entries carry the
@@ -12,9 +12,21 @@ guard's per-task verdict (``guard``), which ``unimp serve`` reads to warn about 
   activations are quantized at run time: DynamicQuantizeLinear + MatMulInteger);
 - int4: ``MatMulNBitsQuantizer`` (symmetric, block-wise, ``MatMulNBits`` with an ``accuracy_level``).
 
-Embeddings are Gather nodes and stay fp32; ``keep_lm_head`` keeps the decoder's LM head (the MatMul whose
-weight has the vocabulary as its last dimension) fp32 too. Needs the ``onnx`` package (export extra), never
-torch.
+``qdq`` format (explicit quantization in standard ONNX ops: what TensorRT builds, and onnxruntime runs):
+
+- int8: ``quantize_static`` with ``QuantFormat.QDQ`` on the MatMul / Conv / Gemm nodes with a constant
+  weight: int8 weights per output channel and int8 activations per tensor, both symmetric (zero point 0),
+  MinMax calibration on feeds recorded from the runtime (``export.calibration``);
+- int4: ``MatMulNBitsQuantizer`` with ``quant_format=QDQ``: blocked int4 ``DequantizeLinear`` weights
+  (opset 21), weight-only. A source graph with ``com.microsoft`` ops (the ``inplace`` decoder's
+  GroupQueryAttention) is refused with the fix.
+
+``fp16``: onnxruntime's float16 converter with ``keep_io_types`` (fp32 graph I/O), for the text and the
+diffusion graphs; a GPU precision that onnxruntime CPU also runs (slowly), for the guard.
+
+Embeddings are Gather nodes and stay fp32 (int8 / int4); ``keep_lm_head`` keeps the decoder's LM head (the
+MatMul whose weight has the vocabulary as its last dimension) fp32 too. Needs the ``onnx`` package (export
+extra), never torch.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +47,26 @@ from runtime.manifest import MANIFEST_NAME, ManifestError, load_manifest, sha256
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("int8", "int4")
-FORMATS = ("cpu",)
+PRECISIONS = ("int8", "int4", "fp16")
+FORMATS = ("cpu", "qdq")
 QUANTIZABLE = ("decoder", "media_kv", "vision")
-"""Graphs ``--graphs`` may name; other graphs (diffusion, VQGAN) are linked unchanged, fp32."""
+"""Graphs ``--graphs`` may name for int8 / int4; other graphs (diffusion, VQGAN) are linked unchanged, fp32."""
+DIFFUSION = ("text_encoder", "unet", "vae_decoder")
+FP16_GRAPHS = QUANTIZABLE + DIFFUSION
+"""fp16 also converts the diffusion graphs (those present when ``--graphs`` is not given)."""
+DEFAULT_CALIBRATION = 16
+QDQ_OPS = ("MatMul", "Conv", "Gemm")
+"""int8 qdq: the nodes with a constant weight of these types get Q/DQ pairs (weights per channel)."""
+STANDARD_DOMAINS = ("", "ai.onnx")
+"""The default ONNX op domain (what ``qdq`` graphs may use)."""
 SKIPPED = (".cache", ".ort-cache")
 """Top-level entries never carried over: caches derived from the source graphs."""
-QUANTIZED_OPS = {"int8": ("DynamicQuantizeLinear", "MatMulInteger"), "int4": ("MatMulNBits",)}
+QUANTIZED_OPS = {("int8", "cpu"): ("DynamicQuantizeLinear", "MatMulInteger"), ("int4", "cpu"): ("MatMulNBits",),
+                 ("int8", "qdq"): ("QuantizeLinear", "DequantizeLinear"), ("int4", "qdq"): ("DequantizeLinear",),
+                 ("fp16", "cpu"): ("Cast",)}
+"""(precision, format) -> the op types whose count the manifest records per converted graph."""
+FP16_BLOCKED = ("GroupQueryAttention",)
+"""fp16: ops kept in fp32 besides the converter's default block list (the in-place KV cache stays fp32)."""
 
 
 class QuantizeError(Exception):
@@ -51,39 +76,69 @@ class QuantizeError(Exception):
 @dataclass(frozen=True)
 class QuantizeConfig:
     precision: str
-    """``int8`` or ``int4``."""
+    """``int8``, ``int4`` or ``fp16``."""
     format: str = "cpu"
-    graphs: tuple[str, ...] = QUANTIZABLE
+    """``cpu`` (what onnxruntime's CPU provider runs fastest) or ``qdq`` (explicit QuantizeLinear /
+    DequantizeLinear in standard ONNX ops: what TensorRT consumes, and onnxruntime runs)."""
+    graphs: tuple[str, ...] | None = None
+    """Graphs to convert; None: decoder, media_kv and vision (fp16: and the diffusion graphs present)."""
     block_size: int = 32
     """int4: weights per quantization block along K (a power of two >= 16)."""
     accuracy_level: int = 4
-    """int4: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
+    """int4 cpu: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
     keep_lm_head: bool = False
     """Keep the decoder's LM head MatMul in fp32."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Further node names left in fp32."""
+    calibration: int = DEFAULT_CALIBRATION
+    """int8 qdq: calibration feeds per graph (from as many demo requests on the source artifacts)."""
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise QuantizeError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.format not in FORMATS:
-            raise QuantizeError(f"--format: must be one of {', '.join(FORMATS)}, got {self.format!r} "
-                                "(the qdq format for TensorRT is not implemented yet)")
-        unknown = [g for g in self.graphs if g not in QUANTIZABLE]
-        if unknown or not self.graphs:
-            raise QuantizeError(f"--graphs: unknown graph(s) {', '.join(unknown) or '(none given)'}; choose from "
-                                f"{','.join(QUANTIZABLE)}")
+            raise QuantizeError(f"--format: must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.precision == "fp16" and self.format != "cpu":
+            raise QuantizeError("--format: qdq applies to int8 and int4; fp16 graphs hold no Q/DQ (leave --format "
+                                "at its default)")
+        allowed = FP16_GRAPHS if self.precision == "fp16" else QUANTIZABLE
+        unknown = [g for g in self.graphs or () if g not in allowed]
+        if unknown or self.graphs == ():
+            raise QuantizeError(f"--graphs: unknown graph(s) {', '.join(unknown) or '(none given)'} for "
+                                f"{self.precision}; choose from {','.join(allowed)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise QuantizeError(f"--block-size: must be a power of two >= 16, got {self.block_size}")
         if not 0 <= self.accuracy_level <= 4:
             raise QuantizeError(f"--accuracy-level: must be in 0..4, got {self.accuracy_level}")
+        if self.calibration < 1:
+            raise QuantizeError(f"--calibration: must be >= 1, got {self.calibration}")
+
+    def resolve_graphs(self, present: Sequence[str]) -> tuple[str, ...]:
+        """The graphs to convert: the given ones, or the precision's default among those ``present``."""
+        if self.graphs is not None:
+            return self.graphs
+        if self.precision == "fp16":
+            return tuple(g for g in FP16_GRAPHS if g in present)
+        return QUANTIZABLE
 
     def settings(self) -> dict[str, Any]:
-        """What the manifest records for one quantized graph."""
+        """What the manifest records for one converted graph."""
+        if self.precision == "fp16":
+            return {"method": "onnxruntime.transformers.float16.convert_float_to_float16", "format": self.format,
+                    "weight_type": "float16", "keep_io_types": True, "op_block_list": list(FP16_BLOCKED)}
+        if self.precision == "int8" and self.format == "qdq":
+            return {"method": "onnxruntime.quantization.quantize_static", "format": self.format,
+                    "quant_format": "QDQ", "weight_type": "int8, symmetric (zero point 0)", "per_channel": True,
+                    "activations": "int8, symmetric per tensor (zero point 0), static",
+                    "calibrate_method": "MinMax", "op_types": list(QDQ_OPS), "const_weights_only": True}
         if self.precision == "int8":
             return {"method": "onnxruntime.quantization.quantize_dynamic", "format": self.format,
                     "weight_type": "int8", "activations": "uint8, dynamic per tensor", "per_channel": False,
                     "op_types": ["MatMul"], "const_weights_only": True}
+        if self.format == "qdq":
+            return {"method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+                    "format": self.format, "quant_format": "QDQ", "bits": 4, "block_size": self.block_size,
+                    "symmetric": True, "weight_only": True, "op_types": ["MatMul"]}
         return {"method": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
                 "format": self.format, "bits": 4, "block_size": self.block_size, "symmetric": True,
                 "accuracy_level": self.accuracy_level}
@@ -116,6 +171,11 @@ def external_data_files(path: Path) -> list[str]:
     return sorted(out)
 
 
+def _opset(path: Path) -> int:
+    model = _onnx().load(str(path), load_external_data=False)
+    return int(next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), 0))
+
+
 def op_counts(path: Path) -> dict[str, int]:
     """Node count per op type of an ONNX file (top-level graph)."""
     model = _onnx().load(str(path), load_external_data=False)
@@ -138,14 +198,54 @@ def _quiet_tooling() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str]) -> None:
+def nonstandard_ops(path: Path) -> list[str]:
+    """``domain.op`` of every op type of an ONNX file outside the default ONNX domain (sorted, unique)."""
+    model = _onnx().load(str(path), load_external_data=False)
+    return sorted({f"{n.domain}.{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+
+
+def const_weight_nodes(model: Any, op_types: Sequence[str]) -> list[str]:
+    """Names of the nodes of ``op_types`` whose second input is an initializer (a weight)."""
+    weights = {init.name for init in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
+
+
+def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str],
+                    feeds: Sequence[dict[str, Any]] | None = None, progress: bool = False) -> None:
     with _quiet_tooling():
-        _quantize_graph_now(src, dst, config, exclude)
+        _quantize_graph_now(src, dst, config, exclude, feeds, progress)
 
 
-def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str]) -> None:
+def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str],
+                        feeds: Sequence[dict[str, Any]] | None, progress: bool) -> None:
     onnx = _onnx()
     big = src.stat().st_size > 1_800_000_000
+    if config.precision == "fp16":
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_BLOCKED],
+                                         node_block_list=exclude or None)
+        onnx.save_model(model, str(dst), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location=f"{dst.name}.data")
+        return
+    if config.precision == "int8" and config.format == "qdq":
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        from export.calibration import FeedReader
+
+        nodes = [n for n in const_weight_nodes(onnx.load(str(src), load_external_data=False), QDQ_OPS)
+                 if n not in exclude]
+        if not nodes or not feeds:
+            shutil.copy2(src, dst)
+            return
+        quantize_static(src, dst, FeedReader(feeds, f"calibrate {src.stem}", progress), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_quantize=nodes, calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=big,
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        return
     if config.precision == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -153,12 +253,35 @@ def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: l
                          nodes_to_exclude=exclude, use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": True})
         return
+    from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    qdq = config.format == "qdq"
     quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=config.block_size, is_symmetric=True,
-                                     accuracy_level=config.accuracy_level or None, nodes_to_exclude=exclude)
+                                     accuracy_level=None if qdq else config.accuracy_level or None,
+                                     nodes_to_exclude=exclude,
+                                     quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+
+
+def _check_qdq_source(src: Path, manifest: Any, graphs: Sequence[str], config: QuantizeConfig) -> None:
+    """Refuse a qdq variant of a graph that cannot become standard ONNX ops (or cannot be calibrated)."""
+    for name in graphs:
+        entry = manifest.graphs[name]
+        custom = nonstandard_ops(src / entry.file)
+        if custom:
+            others = ",".join(g for g in graphs if g != name)
+            alt = f", or quantize only --graphs {others}" if others else ""
+            fix = ("re-export the artifacts with `unimp export ... --kv-layout concat` (the standard-op decoder "
+                   f"TensorRT 10.3 builds){alt}" if name == "decoder" else f"leave {name} out of --graphs{alt}")
+            layout = f", {manifest.decoder.kv_layout} KV layout" if name == "decoder" else ""
+            raise QuantizeError(f"--format: qdq is the TensorRT form and needs standard ONNX ops, but {name} "
+                                f"({entry.file}{layout}) uses {', '.join(custom)}: {fix}")
+        if name == "decoder" and config.precision == "int8" and manifest.decoder.kv_layout != "concat":
+            raise QuantizeError(f"--format: int8 qdq calibrates the decoder from the runtime's plain graph calls, "
+                                f"which the {manifest.decoder.kv_layout} KV layout does not make; re-export with "
+                                "`--kv-layout concat`, or use --precision int4 (weight-only, no calibration)")
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -215,6 +338,8 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
     except ManifestError as exc:
         raise QuantizeError(f"ART: {exc}") from exc
     check_output(src, out, force)
+    config = replace(config, graphs=config.resolve_graphs(list(manifest.graphs)))
+    assert config.graphs is not None
     missing = [g for g in config.graphs if g not in manifest.graphs]
     if missing:
         raise QuantizeError(f"--graphs: {', '.join(missing)} not in {src}'s manifest "
@@ -222,6 +347,17 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
     if manifest.source.get("quantization"):
         raise QuantizeError(f"ART: {src} is already a quantized variant "
                             f"({manifest.source['quantization'].get('precision')}); quantize the fp32 source")
+    feeds: dict[str, list[dict[str, Any]]] = {}
+    if config.format == "qdq":
+        _check_qdq_source(src, manifest, config.graphs, config)
+        if config.precision == "int8":
+            from export.calibration import record_feeds
+
+            calibrated = [g for g in config.graphs if g in QUANTIZABLE]
+            try:
+                feeds = record_feeds(src, config.calibration, calibrated, progress=progress)
+            except ValueError as exc:
+                raise QuantizeError(f"--calibration: {exc}") from exc
     data = json.loads((src / MANIFEST_NAME).read_text(encoding="utf-8"))
     replaced = {manifest.graphs[g].file for g in config.graphs}
     old_data = {Path(f).relative_to(src).as_posix() for g in config.graphs
@@ -251,12 +387,20 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
                     exclude += lm_head_nodes(onnx_model, manifest.decoder.vocab_size)
                 dst = tmp / entry.file
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _quantize_graph(src / entry.file, dst, config, exclude)
+                _quantize_graph(src / entry.file, dst, config, exclude, feeds.get(name), progress)
+                if config.format == "qdq" and nonstandard_ops(dst):
+                    raise QuantizeError(f"--format: the qdq {name} graph came out with non-standard ops "
+                                        f"{', '.join(nonstandard_ops(dst))}")
                 ops = op_counts(dst)
-                quantized = {op: ops.get(op, 0) for op in QUANTIZED_OPS[config.precision]}
+                quantized = {op: ops.get(op, 0) for op in QUANTIZED_OPS[(config.precision, config.format)]}
                 settings = {**config.settings(), "excluded_nodes": exclude, "quantized_ops": quantized,
                             "bytes_before": (src / entry.file).stat().st_size, "bytes_after": dst.stat().st_size}
+                if name in feeds:
+                    from export.calibration import describe
+
+                    settings["calibration"] = describe(feeds, name)
                 g = data["graphs"][name]
+                g["opset"] = _opset(dst)
                 g["precision"] = config.precision
                 g["sha256"] = sha256_file(dst)
                 for f in external_data_files(dst):

@@ -117,9 +117,10 @@ def _quantize(args: argparse.Namespace) -> int:
     from runtime.eval.runner import EvalConfig, EvalError
     from runtime.manifest import ManifestError, load_manifest
 
-    graphs = tuple(g.strip() for g in args.graphs.split(",") if g.strip())
+    graphs = None if args.graphs is None else tuple(g.strip() for g in args.graphs.split(",") if g.strip())
     config = QuantizeConfig(precision=args.precision, format=args.format, graphs=graphs, block_size=args.block_size,
-                            accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head)
+                            accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
+                            calibration=args.calibration)
     try:
         config.validate()
         tasks = guard_tasks([t.strip() for t in args.guard_tasks.split(",") if t.strip()])
@@ -137,7 +138,7 @@ def _quantize(args: argparse.Namespace) -> int:
     for name in section["graphs"]:
         q = written.graphs[name].extra["quantization"]
         ops = ", ".join(f"{k} x{v}" for k, v in q["quantized_ops"].items())
-        print(f"  {name:<9} {q['bytes_before'] / 2**20:8.2f} MiB -> {q['bytes_after'] / 2**20:8.2f} MiB  ({ops})")
+        print(f"  {name:<12} {q['bytes_before'] / 2**20:8.2f} MiB -> {q['bytes_after'] / 2**20:8.2f} MiB  ({ops})")
     print(f"wrote {args.precision} variant of {args.artifacts} to {args.out}")
     if args.skip_guard:
         print("accuracy guard skipped (--skip-guard): the manifest records it as not run; `unimp serve` warns",
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.eval.runner import TASKS
 
     p = sub.add_parser(
-        "quantize", help="int8 / int4 weights: a new artifacts directory, checked by the accuracy guard",
+        "quantize", help="int8 / int4 / fp16 weights: a new artifacts directory, checked by the accuracy guard",
         description="Write a quantized variant of ART to --out: a complete artifacts directory (its own manifest "
                     "with each graph's precision, quantization settings and sha256, and the sha256 of ART's "
                     "manifest; every other file hard-linked) that serve, eval and bench take like any other. "
@@ -334,17 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "result in its manifest; exit 1 when the guard fails (the variant is kept, marked failed, and "
                     "`unimp serve` warns about it), 2 for bad usage.")
     p.add_argument("artifacts", type=Path, metavar="ART", help="fp32 artifacts directory written by `unimp export`")
-    p.add_argument("--precision", choices=["int8", "int4"], required=True,
-                   help="int8: dynamic int8 MatMulInteger (onnxruntime quantize_dynamic, per-tensor weights); "
-                        "int4: MatMulNBits (block-wise symmetric 4-bit weights)")
-    p.add_argument("--format", choices=["cpu"], default="cpu",
-                   help="graph form: cpu, what onnxruntime's CPU provider runs fastest (default: %(default)s; the "
-                        "qdq form for TensorRT is not implemented yet)")
+    p.add_argument("--precision", choices=["int8", "int4", "fp16"], required=True,
+                   help="int8: cpu format dynamic int8 MatMulInteger (onnxruntime quantize_dynamic, per-tensor "
+                        "weights), qdq format static int8 Q/DQ (quantize_static, symmetric, per-channel weights, "
+                        "calibrated); int4: block-wise symmetric 4-bit weights (cpu: MatMulNBits, qdq: blocked "
+                        "DequantizeLinear, weight-only); fp16: float16 weights and compute with fp32 graph I/O "
+                        "(a GPU precision; also the diffusion graphs; runs slowly on the CPU)")
+    p.add_argument("--format", choices=["cpu", "qdq"], default="cpu",
+                   help="graph form: cpu, what onnxruntime's CPU provider runs fastest; qdq, explicit "
+                        "QuantizeLinear/DequantizeLinear in standard ONNX ops, what TensorRT builds "
+                        "(onnxruntime CPU runs it too; needs a --kv-layout concat decoder) (default: %(default)s)")
+    p.add_argument("--calibration", type=int, default=16, metavar="N",
+                   help="int8 qdq: calibration feeds per graph, recorded from N demo requests (rated catalog "
+                        "histories, a short explanation, a recommendation) on ART (default: %(default)s)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="new artifacts directory to write")
     p.add_argument("--force", action="store_true", help="replace --out when it is an existing artifacts directory")
-    p.add_argument("--graphs", default="decoder,media_kv,vision",
-                   help="comma-separated graphs to quantize, of %(default)s (default: all three); the others "
-                        "and any diffusion / VQGAN graph stay fp32")
+    p.add_argument("--graphs", default=None,
+                   help="comma-separated graphs to convert, of decoder,media_kv,vision (fp16: also text_encoder, "
+                        "unet, vae_decoder) (default: all three; fp16: also the diffusion graphs present); the "
+                        "others and any VQGAN graph stay fp32")
     p.add_argument("--block-size", type=int, default=32, metavar="N",
                    help="int4: weights per quantization block (a power of two >= 16; default: %(default)s)")
     p.add_argument("--accuracy-level", type=int, default=4, metavar="L",

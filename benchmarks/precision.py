@@ -1,0 +1,255 @@
+"""The precision ladder side by side: every variant directory of ``--variants`` measured in one run.
+
+Per variant (``LABEL=DIR``; without ``--variants``, the benchmarked artifacts alone as ``fp32``): batch-1
+decode per token (the decoder core, as in the ``floor`` section), prefill tokens per second, vision
+milliseconds per image, peak RSS, the graph files' bytes, the bandwidth floor of its decoder (its weight
+bytes per token, as stored, plus the KV and cross-attention memory read, over one read-bandwidth
+measurement shared by all variants) and the accuracy guard numbers its manifest records.
+
+Each variant is measured in a fresh child process (``python -m benchmarks.precision DIR``), one after the
+other, so that its peak RSS is its own and one variant's allocations do not slow the next; the read
+bandwidth is measured once in the parent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.context import BenchContext
+
+MiB = 1 << 20
+TEXT_GRAPHS = ("decoder", "media_kv", "vision")
+
+
+def parse_variants(values: list[str] | None) -> dict[str, Path]:
+    """``["fp32=ART", "int8=DIR"]`` -> {label: path}; a bare DIR is labelled by its directory name."""
+    out: dict[str, Path] = {}
+    for value in values or []:
+        label, sep, path = value.partition("=")
+        if not sep:
+            label, path = Path(value).name, value
+        if not label or not path:
+            raise ValueError(f"--variants: {value!r} is not LABEL=DIR")
+        if label in out:
+            raise ValueError(f"--variants: label {label!r} given twice")
+        if not (Path(path) / "manifest.json").is_file():
+            raise ValueError(f"--variants: {label}={path} holds no manifest.json")
+        out[label] = Path(path)
+    return out
+
+
+def graph_bytes(artifacts: Path) -> dict[str, int]:
+    """Bytes on disk of each text graph, its external data files included."""
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(artifacts, verify=False)
+    out: dict[str, int] = {}
+    for name in TEXT_GRAPHS:
+        path = artifacts / manifest.graphs[name].file
+        total = path.stat().st_size
+        try:
+            from export.quantize import external_data_files
+
+            total += sum(Path(f).stat().st_size for f in external_data_files(path))
+        except ImportError:  # onnx not installed: the .onnx file alone
+            pass
+        out[name] = total
+    return out
+
+
+def _status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``: the peak RSS of this process image; unlike
+    getrusage's ru_maxrss it does not inherit the parent's peak across fork + exec), 0 off Linux."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def measure_variant(artifacts: Path, threads: int, prompt_len: int, steps: int, warmup: int,
+                    repeats: int) -> dict[str, Any]:
+    """One variant's timings and memory in this process (run it in a fresh one: see ``_child``)."""
+    from benchmarks.floor import TimedSession, decode_steps, open_core, prompt_ids
+    from runtime.backends import BackendConfig, open_session
+    from runtime.decoder.core import PrefillInput
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(artifacts, verify=False)
+    m = manifest
+    backend = BackendConfig(intra_op_threads=threads)
+    rss_start = _rss_bytes()
+    t0 = time.perf_counter()
+    vision = open_session(artifacts / m.graphs["vision"].file, backend)
+    media_kv = open_session(artifacts / m.graphs["media_kv"].file, backend)
+    timed = TimedSession(open_session(artifacts / m.graphs["decoder"].file, backend))
+    load_s = time.perf_counter() - t0
+    context = prompt_len + warmup + steps + 1
+    core = open_core(m.decoder.kv_layout, timed, media_kv, m, context)
+
+    pixels = np.random.default_rng(0).standard_normal((1, 3, m.vision.image_size, m.vision.image_size)).astype(np.float32)
+    vision.run({m.names.pixel_values: pixels})  # warm-up
+    vision_s = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        vision.run({m.names.pixel_values: pixels})
+        vision_s.append(time.perf_counter() - t)
+
+    latents = np.random.default_rng(0).standard_normal((1, m.vision.num_latents, m.vision.width)).astype(np.float32)
+    memory = core.media_kv(latents)
+    ids = prompt_ids(m, prompt_len)
+    prefill_s = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        seq = core.open()
+        try:
+            t = time.perf_counter()
+            core.prefill(seq, PrefillInput(ids, memory))
+            if i:
+                prefill_s.append(time.perf_counter() - t)
+        finally:
+            core.release(seq)
+    measured = decode_steps(core, timed, m, prompt_len, steps, warmup)
+    per_token = float(statistics.median(measured["step_s"]))
+    return {
+        "decoder_precision": m.graphs["decoder"].precision,
+        "kv_layout": m.decoder.kv_layout,
+        "load_s": load_s,
+        "vision_s_per_image": float(statistics.median(vision_s)),
+        "prefill_s": float(statistics.median(prefill_s)),
+        "prefill_tokens_per_s": prompt_len / float(statistics.median(prefill_s)),
+        "decode_s_per_token": per_token,
+        "decode_min_s_per_token": float(min(measured["step_s"])),
+        "rss_start_bytes": rss_start,
+        "rss_bytes": _rss_bytes(),
+        "peak_rss_bytes": _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def _child(artifacts: Path, threads: int, prompt_len: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "benchmarks.precision", str(artifacts), "--threads", str(threads),
+           "--prompt", str(prompt_len), "--steps", str(steps), "--warmup", str(warmup), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"measuring {artifacts} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def guard_numbers(artifacts: Path) -> dict[str, Any] | None:
+    """The accuracy guard a quantized variant's manifest records (None for an unquantized directory)."""
+    data = json.loads((artifacts / "manifest.json").read_text(encoding="utf-8"))
+    section = (data.get("source") or {}).get("quantization")
+    if not section:
+        return None
+    guard = section.get("guard")
+    out: dict[str, Any] = {"precision": section.get("precision"), "format": section.get("format"),
+                           "run": guard is not None}
+    if guard is not None:
+        out.update({"passed": guard.get("passed"), "failed_tasks": guard.get("failed_tasks", []),
+                    "differences": guard.get("differences", {}), "split": guard.get("split"),
+                    "users": guard.get("users"),
+                    "tasks": {t: v.get("passed") for t, v in (guard.get("tasks") or {}).items()}})
+    return out
+
+
+def run(ctx: BenchContext) -> dict[str, Any]:
+    from benchmarks.floor import decoder_weight_bytes, measure_read_bandwidth
+    from runtime.manifest import load_manifest
+
+    variants: dict[str, Path] = dict(ctx.extra.get("variants") or {}) or {"fp32": ctx.artifacts}
+    prompt_len, steps, warmup = (64, 8, 2) if ctx.quick else (256, 32, 3)
+    size = (64 if ctx.quick else 512) * MiB
+    bandwidth = measure_read_bandwidth(size, 3 if ctx.quick else max(5, ctx.repeats), ctx.threads)
+    context = prompt_len + warmup + steps // 2
+    out: dict[str, Any] = {"bandwidth": bandwidth, "prompt_tokens": prompt_len, "steps": steps,
+                           "context_tokens": context, "threads": ctx.threads, "variants": {}}
+    for label, path in variants.items():
+        manifest = load_manifest(path, verify=False)
+        d = manifest.decoder
+        kv_itemsize = 2 if manifest.kv_dtype == "float16" else 4
+        kv = 2 * d.num_layers * d.num_heads * d.head_dim * kv_itemsize * context
+        xattn = 2 * len(d.xattn_layers) * d.xattn_heads * manifest.vision.num_latents * d.xattn_head_dim * 4
+        weights = decoder_weight_bytes(path / manifest.graphs["decoder"].file)
+        files = graph_bytes(path)
+        r: dict[str, Any] = {"artifacts": str(path), "precisions": {g: manifest.graphs[g].precision for g in TEXT_GRAPHS},
+                             "file_bytes": files, "total_file_bytes": sum(files.values()),
+                             "weight_bytes_per_token": weights["per_token"],
+                             "bytes_per_token": weights["per_token"] + kv + xattn}
+        r["floor_s"] = r["bytes_per_token"] / (bandwidth["gb_s"] * 1e9)
+        r.update(_child(path, ctx.threads, prompt_len, steps, warmup, ctx.repeats))
+        r["floor_ratio"] = r["decode_s_per_token"] / r["floor_s"]
+        r["guard"] = guard_numbers(path)
+        out["variants"][label] = r
+    base = next(iter(out["variants"].values()))
+    for r in out["variants"].values():
+        r["decode_vs_first"] = r["decode_s_per_token"] / base["decode_s_per_token"]
+    return out
+
+
+def _guard_cell(g: dict[str, Any] | None) -> str:
+    if g is None:
+        return "(source)"
+    if not g.get("run"):
+        return "not run"
+    diffs = g.get("differences") or {}
+    shown = ", ".join(f"{k} {v:+.3f}" for k, v in diffs.items() if isinstance(v, int | float))
+    verdict = "passed" if g.get("passed") else f"FAILED ({', '.join(g.get('failed_tasks') or [])})"
+    return f"{verdict}; {shown}" if shown else verdict
+
+
+def render_markdown(r: dict[str, Any], h: str) -> str:
+    from benchmarks.report import ms, size, table
+
+    rows = []
+    for label, v in r.get("variants", {}).items():
+        rows.append([f"`{label}`", v["precisions"]["decoder"], f"{ms(v['decode_s_per_token'])} ms",
+                     f"{v['decode_vs_first']:.2f}x", f"{v['prefill_tokens_per_s']:.0f}",
+                     f"{ms(v['vision_s_per_image'])} ms", size(v["peak_rss_bytes"]), size(v["total_file_bytes"]),
+                     f"{ms(v['floor_s'])} ms ({v['floor_ratio']:.2f}x)", _guard_cell(v.get("guard"))])
+    bw = r.get("bandwidth", {})
+    intro = (f"Batch 1, {r.get('threads')} threads, decode after a {r.get('prompt_tokens')}-token prefill "
+             f"(median of {r.get('steps')} steps); floor = decoder weight bytes per token as stored + KV at "
+             f"{r.get('context_tokens')} tokens + one image's cross-attention memory, at "
+             f"{bw.get('gb_s', 0.0):.1f} GB/s read. Each variant measured in its own process.")
+    head = ["variant", "decoder", "decode / token", "vs first", "prefill tok/s", "vision / image", "peak RSS",
+            "graph bytes", "floor (measured/floor)", "guard (differences vs fp32)"]
+    return f"{h} Precision variants\n\n{intro}\n\n{table(head, rows)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="measure one artifacts directory (the precision section's child)")
+    parser.add_argument("artifacts", type=Path)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    a = parser.parse_args(argv)
+    result = measure_variant(a.artifacts, a.threads, a.prompt, a.steps, a.warmup, a.repeats)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`unimp bench --sections precision --variants ...` on tiny variants (quick, one repeat): every variant
+measured side by side, with its bytes, floor and recorded guard."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import cli
+from benchmarks.precision import guard_numbers, parse_variants
+from export.quantize import QuantizeConfig, quantize_artifacts, record_guard
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench_variants")
+    int4 = root / "int4"
+    quantize_artifacts(tiny_concat_artifacts, int4, QuantizeConfig(precision="int4", format="qdq"), progress=False)
+    summary = {"passed": False, "failed_tasks": ["recommend"], "differences": {"recommend.hr@10": -0.02},
+               "tasks": {"recommend": {"passed": False, "checks": []}, "rating": {"passed": True, "checks": []}},
+               "split": "test", "users": 2}
+    record_guard(int4, summary)
+    return {"fp32": tiny_concat_artifacts, "int4": int4}
+
+
+def test_precision_section_measures_every_variant(variants: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = cli.run_bench(_args("--preset", "tiny", "--quick", "--repeats", "1", "--sections", "precision",
+                             "--artifacts", str(variants["fp32"]), "--out", str(out),
+                             "--variants", f"fp32={variants['fp32']}", f"int4={variants['int4']}"))
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert f"--variants fp32={variants['fp32']} int4={variants['int4']}" in results["command"]
+    section = results["sections"]["precision"]
+    assert list(section["variants"]) == ["fp32", "int4"]
+    assert section["bandwidth"]["gb_s"] > 0
+    fp32, int4 = section["variants"]["fp32"], section["variants"]["int4"]
+    for v in (fp32, int4):
+        for key in ("decode_s_per_token", "prefill_tokens_per_s", "vision_s_per_image", "peak_rss_bytes",
+                    "total_file_bytes", "floor_s", "floor_ratio"):
+            assert v[key] > 0, key
+        assert v["peak_rss_bytes"] >= v["rss_bytes"] > v["rss_start_bytes"] > 0
+        assert v["floor_s"] == pytest.approx(v["bytes_per_token"] / (section["bandwidth"]["gb_s"] * 1e9), rel=1e-9)
+    assert fp32["decode_vs_first"] == pytest.approx(1.0)
+    assert int4["precisions"] == {"decoder": "int4", "media_kv": "int4", "vision": "int4"}
+    # int4 weights are packed two per byte: the floor's weight bytes fall well below fp32's
+    assert int4["weight_bytes_per_token"] < 0.4 * fp32["weight_bytes_per_token"]
+    assert int4["total_file_bytes"] < fp32["total_file_bytes"]
+    assert fp32["guard"] is None
+    assert int4["guard"]["run"] is True and int4["guard"]["passed"] is False
+    assert int4["guard"]["failed_tasks"] == ["recommend"] and int4["guard"]["tasks"]["rating"] is True
+    md = (out / "results.md").read_text()
+    assert "## Precision variants" in md and "| `int4` | int4 |" in md and "FAILED (recommend)" in md
+
+
+def test_guard_numbers_of_a_variant_not_guarded(variants: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    quantize_artifacts(variants["fp32"], out, QuantizeConfig(precision="int8", graphs=("media_kv",)), progress=False)
+    assert guard_numbers(out) == {"precision": "int8", "format": "cpu", "run": False}
+    assert guard_numbers(variants["fp32"]) is None
+
+
+def test_bad_variants_are_refused(variants: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for values, message in (([f"a={variants['fp32']}", f"a={variants['int4']}"], "given twice"),
+                            ([f"x={tmp_path}"], "holds no manifest.json"), (["=x"], "is not LABEL=DIR")):
+        with pytest.raises(ValueError, match=message):
+            parse_variants(values)
+    assert parse_variants([str(variants["int4"])]) == {"int4": variants["int4"]}
+    rc = cli.run_bench(_args("--sections", "precision", "--artifacts", str(variants["fp32"]), "--out",
+                             str(tmp_path / "b"), "--variants", f"x={tmp_path}"))
+    assert rc == 2 and capsys.readouterr().err.startswith("error: --variants: x=")
