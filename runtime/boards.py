@@ -76,49 +76,39 @@ _X86 = SoftwareStack(
 # datasheets: AGX Orin and Orin NX 2, Orin Nano none (datasheet fact, unverified here).
 # OS share: the research notes' estimate of 1.5-2 GB for the OS and a kiosk UI (unverified), 1.0 GB on a
 # headless Nano image (unverified).
+def _orin(name: str, description: str, *, memory_gb: int, cuda_cores: int, dla_cores: int, reserved_bytes: int,
+          stacks: tuple[SoftwareStack, ...], notes: tuple[str, ...] = ()) -> Board:
+    """A Jetson Orin module: GA10B iGPU (cc 8.7) on unified memory; ``notes`` default to the shared-memory one."""
+    return Board(
+        name=name,
+        description=description,
+        total_memory=memory_gb * GB,
+        unified_memory=True,
+        gpu_arch=f"Ampere (GA10B iGPU, {cuda_cores} CUDA cores)",
+        compute_capability=(8, 7),
+        dla_cores=dla_cores,
+        reserved_bytes=reserved_bytes,
+        stacks=stacks,
+        notes=notes or (f"unified memory: the OS and the Python process draw on the same {memory_gb} GB",),
+    )
+
+
 BOARDS: dict[str, Board] = {
     b.name: b
     for b in (
-        Board(
-            name="orin-nano-8gb",
-            description="Jetson Orin Nano 8 GB (developer kit / module)",
-            total_memory=8 * GB,
-            unified_memory=True,
-            gpu_arch="Ampere (GA10B iGPU, 1024 CUDA cores)",
-            compute_capability=(8, 7),
-            dla_cores=0,
-            reserved_bytes=int(1.5 * GB),
-            stacks=(_JP6, _JP7_SMALL),
+        _orin(
+            "orin-nano-8gb", "Jetson Orin Nano 8 GB (developer kit / module)",
+            memory_gb=8, cuda_cores=1024, dla_cores=0, reserved_bytes=int(1.5 * GB), stacks=(_JP6, _JP7_SMALL),
             notes=(
                 "unified memory: the OS, the Python process, the engines and TensorRT's build scratch share 8 GB",
                 "building a large engine can run out of memory (TACTIC_DRAM defaults to 75% of memory): build one "
                 "graph per process with a lower workspace (unimp build-engines --workspace-gb)",
             ),
         ),
-        Board(
-            name="orin-nx-16gb",
-            description="Jetson Orin NX 16 GB",
-            total_memory=16 * GB,
-            unified_memory=True,
-            gpu_arch="Ampere (GA10B iGPU, 1024 CUDA cores)",
-            compute_capability=(8, 7),
-            dla_cores=2,
-            reserved_bytes=int(1.5 * GB),
-            stacks=(_JP6, _JP7_SMALL),
-            notes=("unified memory: the OS and the Python process draw on the same 16 GB",),
-        ),
-        Board(
-            name="agx-orin-64gb",
-            description="Jetson AGX Orin 64 GB",
-            total_memory=64 * GB,
-            unified_memory=True,
-            gpu_arch="Ampere (GA10B iGPU, 2048 CUDA cores)",
-            compute_capability=(8, 7),
-            dla_cores=2,
-            reserved_bytes=2 * GB,
-            stacks=(_JP6, _JP7_AGX),
-            notes=("unified memory: the OS and the Python process draw on the same 64 GB",),
-        ),
+        _orin("orin-nx-16gb", "Jetson Orin NX 16 GB", memory_gb=16, cuda_cores=1024, dla_cores=2,
+              reserved_bytes=int(1.5 * GB), stacks=(_JP6, _JP7_SMALL)),
+        _orin("agx-orin-64gb", "Jetson AGX Orin 64 GB", memory_gb=64, cuda_cores=2048, dla_cores=2,
+              reserved_bytes=2 * GB, stacks=(_JP6, _JP7_AGX)),
         Board(
             name="x86-16gb",
             description="x86_64 host with a 16 GB discrete NVIDIA GPU (e.g. T4, RTX A4000; any card of that size)",

@@ -1,73 +1,63 @@
-"""The two decoder KV layouts: the in-place pool against the concat decoder and full recompute.
+"""The decoder forms against each other: the in-place GQA pool (the reference) against the concat decoder,
+the in-place layout in standard ops (``--attention onnx``) and full recompute.
 
-The tiny demo is exported twice from the same seeded checkpoint: ``inplace`` (GroupQueryAttention over a
-static buffer bound as input and output) and ``concat`` (present = Concat(past, new)). Greedy and beam
-outputs must be token-identical between them and to recomputing the whole sequence each token; the
-pool must copy nothing per step and return to empty.
+The tiny demo is exported three times from the same seeded checkpoint (``tests/integration/layouts.py``):
+``inplace`` (GroupQueryAttention over a static buffer bound as input and output), ``concat`` (present =
+Concat(past, new)) and ``onnx`` (TensorScatter-24 + MatMul/Softmax over the same bound buffer). Greedy
+and beam outputs must be token-identical between them and to recomputing the whole sequence each token;
+the in-place pool must copy nothing per step and return to empty. Checks of the ``onnx`` graph itself
+are in ``test_onnx_attention.py``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime.backends import BackendConfig
 from runtime.backends.buffers import HostBuffer
 from runtime.decoder.pool import KVPool, RowSet
 from runtime.decoder.runner import PrefillRow
-from runtime.engine import Runtime, RuntimeConfig
+from runtime.engine import Runtime
 from runtime.prompts import encode, preference_prompt
 from runtime.server.metrics import ServerMetrics
-from runtime.types import (
-    BeamOptions,
-    DecodeMode,
-    HistoryItem,
-    PreferenceRequest,
-    PreferenceResult,
-    RecommendRequest,
-    SamplingOptions,
-    TextPiece,
-)
+from runtime.types import BeamOptions, DecodeMode, PreferenceRequest, RecommendRequest, SamplingOptions
+from tests.integration.layouts import HISTORY, RATED, FormRuntimes, explain, open_runtime, target
 
-HISTORY = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (3, 17, 42, 8))
-RATED = tuple(HistoryItem(item_id=f"P{k:05d}", rating=r, explanation=e)
-              for k, r, e in ((5, 4, "Great fit."), (9, 2, "Too small."), (12, 5, "Love the colour.")))
-
-
-def _open(artifacts: Path, cache: Path, **kw) -> Runtime:  # type: ignore[no-untyped-def]
-    cfg = RuntimeConfig(backend=BackendConfig(intra_op_threads=1), progress=False, latent_cache_dir=cache, **kw)
-    return Runtime.open(artifacts, cfg)
+OTHERS = ("concat", "onnx")
+"""The forms checked against the ``inplace`` reference."""
+POOLED = ("inplace", "onnx")
+"""The forms that decode in the bound in-place pool."""
 
 
 @pytest.fixture(scope="module")
-def inplace(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    rt = _open(tiny_artifacts, tmp_path_factory.mktemp("lat_inplace"))
-    assert rt.manifest.decoder.kv_layout == "inplace" and rt.decoder.kv_layout == "inplace"
-    yield rt
-    rt.close()
+def forms(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], Runtime]]:
+    opened = FormRuntimes(request, tmp_path_factory)
+    yield opened
+    opened.close()
 
 
 @pytest.fixture(scope="module")
-def concat(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    rt = _open(tiny_concat_artifacts, tmp_path_factory.mktemp("lat_concat"))
-    assert rt.manifest.decoder.kv_layout == "concat" and rt.decoder.kv_layout == "concat"
-    yield rt
-    rt.close()
+def inplace(forms: Callable[[str], Runtime]) -> Runtime:
+    return forms("inplace")
 
 
-def _explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]:
-    events = list(rt.explain(req))
-    final = events[-1]
-    assert isinstance(final, PreferenceResult)
-    return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
+@pytest.fixture(scope="module", params=OTHERS)
+def other(forms: Callable[[str], Runtime], request: pytest.FixtureRequest) -> Runtime:
+    return forms(request.param)
 
 
-def _target(k: int) -> HistoryItem:
-    return HistoryItem(item_id=f"P{20 + k:05d}")
+@pytest.fixture(scope="module", params=("inplace", *OTHERS))
+def form(forms: Callable[[str], Runtime], request: pytest.FixtureRequest) -> Runtime:
+    return forms(request.param)
+
+
+@pytest.fixture(scope="module", params=POOLED)
+def pooled(forms: Callable[[str], Runtime], request: pytest.FixtureRequest) -> Runtime:
+    return forms(request.param)
 
 
 def _greedy_tokens(rt: Runtime, req: PreferenceRequest, n: int) -> list[int]:
@@ -91,102 +81,113 @@ def _greedy_tokens(rt: Runtime, req: PreferenceRequest, n: int) -> list[int]:
     return out
 
 
-def test_greedy_explain_matches_concat_and_full_recompute(inplace: Runtime, concat: Runtime) -> None:
-    req = PreferenceRequest(RATED, _target(1), SamplingOptions(max_new_tokens=12))
-    text_a, res_a = _explain(inplace, req)
-    text_b, res_b = _explain(concat, req)
+def test_greedy_explain_matches_the_reference_and_full_recompute(inplace: Runtime, other: Runtime) -> None:
+    req = PreferenceRequest(RATED, target(1), SamplingOptions(max_new_tokens=12))
+    text_a, res_a = explain(inplace, req)
+    text_b, res_b = explain(other, req)
     assert text_a == text_b and res_a.rating == res_b.rating and res_a.timings.tokens == res_b.timings.tokens
-    np.testing.assert_allclose(res_a.rating_distribution, res_b.rating_distribution, rtol=1e-5, atol=1e-7)
-    recomputed = _greedy_tokens(inplace, req, 12)
-    assert inplace.tokenizer.decode(recomputed, skip_special_tokens=True).strip() == text_a
+    np.testing.assert_allclose(res_b.rating_distribution, res_a.rating_distribution, rtol=1e-5, atol=1e-7)
+    assert res_b.timings.tokens > 1
+    for rt in (inplace, other):
+        recomputed = _greedy_tokens(rt, req, 12)
+        assert rt.tokenizer.decode(recomputed, skip_special_tokens=True).strip() == text_a
 
 
 @pytest.mark.parametrize("mode", [DecodeMode.BEAM, DecodeMode.BEAM_CONSTRAINED])
-def test_beam_modes_match_between_layouts(inplace: Runtime, concat: Runtime, mode: DecodeMode) -> None:
+def test_beam_modes_match_the_reference(inplace: Runtime, other: Runtime, mode: DecodeMode) -> None:
     beam = BeamOptions(num_beams=4, num_return_sequences=4, max_new_tokens=5)
     req = RecommendRequest(HISTORY, top_k=4, mode=mode, beam=beam)
-    a, b = inplace.recommend(req), concat.recommend(req)
+    a, b = inplace.recommend(req), other.recommend(req)
+    assert b.timings.tokens > 0 and (mode != DecodeMode.BEAM_CONSTRAINED or len(b.items) == 4)
     assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.timings.tokens == b.timings.tokens
-    np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose([i.score for i in b.items], [i.score for i in a.items], rtol=1e-5, atol=1e-6)
 
 
-def test_beam_explanation_matches_between_layouts(inplace: Runtime, concat: Runtime) -> None:
-    req = PreferenceRequest(RATED, _target(2), SamplingOptions(max_new_tokens=6, num_beams=3))
-    assert _explain(inplace, req)[0] == _explain(concat, req)[0]
+def test_beam_explanation_matches_the_reference(inplace: Runtime, other: Runtime) -> None:
+    req = PreferenceRequest(RATED, target(2), SamplingOptions(max_new_tokens=6, num_beams=3))
+    assert explain(inplace, req)[0] == explain(other, req)[0]
 
 
-def test_padded_batch_prefill_equals_single_rows(inplace: Runtime, concat: Runtime) -> None:
-    """Right-padded (inplace) and left-padded (concat) batches give each row its own logits."""
+def test_padded_batch_prefill_equals_single_rows_and_the_reference(inplace: Runtime, other: Runtime) -> None:
+    """Rows of three lengths in one call, right-padded (inplace, onnx) or left-padded (concat): each row's
+    logits equal its own call's, and the batch equals the reference's."""
     t = inplace.manifest.tokens
     rows = []
     for k, history in enumerate((RATED[:1], RATED, RATED[:2])):
-        prompt = encode(preference_prompt(inplace.resolve(history), inplace.resolve((_target(k),), "target")[0]),
+        prompt = encode(preference_prompt(inplace.resolve(history), inplace.resolve((target(k),), "target")[0]),
                         inplace.tokenizer, t.endofchunk, t.image)
         rows.append(PrefillRow(prompt.ids, inplace.media.memory_for(prompt.prompt.images)[0]))
     assert len({len(r.ids) for r in rows}) == 3
-    for rt in (inplace, concat):
+    reference = inplace.decoder.prefill_batch(rows)
+    for rt in (inplace, other):
         batched = rt.decoder.prefill_batch(rows)
         for i, row in enumerate(rows):
             alone = rt.decoder.prefill_batch([row])[0]
             np.testing.assert_allclose(batched[i], alone, rtol=1e-5, atol=1e-5 * float(np.abs(alone).max()))
-    np.testing.assert_allclose(inplace.decoder.prefill_batch(rows), concat.decoder.prefill_batch(rows),
-                               rtol=1e-5, atol=1e-5)
+    scale = float(np.abs(reference).max())
+    np.testing.assert_allclose(other.decoder.prefill_batch(rows), reference, rtol=1e-5, atol=1e-5 * min(1.0, scale))
 
 
-def test_prefix_hit_decodes_like_a_miss(inplace: Runtime, concat: Runtime) -> None:
-    for rt in (inplace, concat):
-        rt.prefix_cache.clear()
-        req = PreferenceRequest(RATED, _target(3), SamplingOptions(max_new_tokens=8), tenant="hit")
-        miss_text, miss = _explain(rt, req)
-        hit_text, hit = _explain(rt, req)
-        assert not miss.timings.prefix_cache_hit and hit.timings.prefix_cache_hit
-        assert hit_text == miss_text
-        np.testing.assert_allclose(hit.rating_distribution, miss.rating_distribution, rtol=1e-5, atol=1e-7)
-        assert rt.stats()["kv_copy_bytes_prefix"] > 0  # the hit loaded the cached prefix once
+def test_prefix_hit_decodes_like_a_miss(form: Runtime) -> None:
+    """A prefix-cache hit continues the prompt after the cached positions (seq < total)."""
+    rt = form
+    rt.prefix_cache.clear()
+    req = PreferenceRequest(RATED, target(3), SamplingOptions(max_new_tokens=8), tenant="hit")
+    miss_text, miss = explain(rt, req)
+    hit_text, hit = explain(rt, req)
+    assert not miss.timings.prefix_cache_hit and hit.timings.prefix_cache_hit
+    assert hit_text == miss_text
+    np.testing.assert_allclose(hit.rating_distribution, miss.rating_distribution, rtol=1e-5, atol=1e-7)
+    assert rt.stats()["kv_copy_bytes_prefix"] > 0  # the hit loaded the cached prefix once
 
 
-def test_concurrent_streams_copy_nothing_per_step(inplace: Runtime, concat: Runtime) -> None:
-    """8 explain streams at once: the inplace pool copies no KV per step and empties afterwards; the
-    concat layout, counted the same way, copies on every step."""
-    reqs = [PreferenceRequest(RATED[: 1 + k % 3], _target(k), SamplingOptions(max_new_tokens=4 + 3 * k))
+def test_concurrent_streams_copy_nothing_per_step(inplace: Runtime, form: Runtime) -> None:
+    """8 explain streams of different lengths at once, stepped together: each gives its one-at-a-time text
+    (and the reference's); the in-place pool copies no KV per step, stays bound where it was and empties
+    afterwards; the concat layout, counted the same way, copies on every step."""
+    rt = form
+    reqs = [PreferenceRequest(RATED[: 1 + k % 3], target(k), SamplingOptions(max_new_tokens=4 + 3 * k))
             for k in range(8)]
-    alone = {id(rt): [_explain(rt, r)[0] for r in reqs] for rt in (inplace, concat)}
-    for rt in (inplace, concat):
-        before = rt.stats()
-        results: list[str | None] = [None] * len(reqs)
+    alone = [explain(rt, r)[0] for r in reqs]
+    assert alone == [explain(inplace, r)[0] for r in reqs]
+    pool = rt.decoder.pool if rt.decoder.kv_layout == "inplace" else None  # type: ignore[attr-defined]
+    addresses = [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] if pool is not None else []
+    before = rt.stats()
+    results: list[str | None] = [None] * len(reqs)
 
-        def run(i: int, rt: Runtime = rt, results: list[str | None] = results) -> None:
-            results[i] = _explain(rt, reqs[i])[0]
+    def run(i: int) -> None:
+        results[i] = explain(rt, reqs[i])[0]
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        after = rt.stats()
-        assert results == alone[id(rt)]  # batched (joining late, leaving early) == one at a time
-        assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
-        assert after["active_sequences"] == 0 and after["kv_pool_rows_used"] == 0 and after["kv_bytes"] == 0
-        stepped = after["kv_copy_bytes_step"] - before["kv_copy_bytes_step"]
-        if rt.decoder.kv_layout == "inplace":
-            assert stepped == 0
-            assert rt.decoder.pool.used == 0  # type: ignore[attr-defined]
-            metrics = ServerMetrics()  # the Prometheus series the server exposes, from the same stats
-            metrics.engine_stats = rt.stats
-            assert metrics.registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": "step"}) == 0.0
-            assert metrics.registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
-        else:
-            assert stepped > 0
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    after = rt.stats()
+    assert results == alone  # batched (joining late, leaving early) == one at a time
+    assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
+    assert after["active_sequences"] == 0 and after["kv_pool_rows_used"] == 0 and after["kv_bytes"] == 0
+    stepped = after["kv_copy_bytes_step"] - before["kv_copy_bytes_step"]
+    if pool is not None:
+        assert stepped == 0
+        assert pool.used == 0
+        assert [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] == addresses  # bound where they were
+        metrics = ServerMetrics()  # the Prometheus series the server exposes, from the same stats
+        metrics.engine_stats = rt.stats
+        assert metrics.registry.get_sample_value("unimp_decode_kv_copy_bytes_total", {"cause": "step"}) == 0.0
+        assert metrics.registry.get_sample_value("unimp_decode_kv_pool_rows_used") == 0.0
+    else:
+        assert rt.decoder.kv_layout == "concat" and stepped > 0
 
 
-def test_the_decoder_writes_the_pool_in_place(inplace: Runtime) -> None:
+def test_the_decoder_writes_the_pool_in_place(pooled: Runtime) -> None:
     """Positions past a row's length survive a step: onnxruntime used the bound buffer as both past and
     present (a separate present would have been zero-filled and copied)."""
-    rt = inplace
+    rt = pooled
     pool = rt.decoder.pool  # type: ignore[attr-defined]
     t = rt.manifest.tokens
     with rt.admit(None, rows=1) as gen:
-        prompt = encode(preference_prompt(rt.resolve(RATED), rt.resolve((_target(4),), "target")[0]),
+        prompt = encode(preference_prompt(rt.resolve(RATED), rt.resolve((target(4),), "target")[0]),
                         rt.tokenizer, t.endofchunk, t.image)
         rt.prefill(prompt, "", None, generator=gen)
         slot = int(gen.seq.slots[0])  # type: ignore[union-attr]
@@ -239,7 +240,7 @@ def test_pool_fork_and_compaction() -> None:
 
 def test_copy_counter_has_every_cause_from_startup(tiny_artifacts: Path, tmp_path: Path) -> None:
     """unimp_decode_kv_copy_bytes_total{cause} exposes every cause before any request."""
-    rt = _open(tiny_artifacts, tmp_path)
+    rt = open_runtime(tiny_artifacts, tmp_path)
     try:
         metrics = ServerMetrics()
         metrics.engine_stats = rt.stats

@@ -1,14 +1,13 @@
-"""The ``inplace`` decoder in standard ONNX ops (``unimp export --attention onnx``) against GQA and concat.
+"""The ``inplace`` decoder in standard ONNX ops (``unimp export --attention onnx``): the graph itself.
 
-The tiny demo is exported three times from the same seeded checkpoint: ``inplace`` with
-GroupQueryAttention, ``inplace`` with TensorScatter-24 + MatMul/Softmax, and ``concat``. The standard-op
-graph must hold only default-domain ops at opset 24, generate the same tokens as the other two (greedy and
-beam), give the same logits within a scaled tolerance, and update the bound KV buffer in place.
+The standard-op graph must hold only default-domain ops at opset 24, keep GQA's eager semantics, and
+update the bound KV buffer in place. That it generates GQA's and concat's tokens (greedy and beam), their
+logits within a scaled tolerance, and copies nothing per step in the runtime's pool is checked with the
+other decoder forms in ``test_kv_layouts.py``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,66 +18,18 @@ import pytest
 import torch
 
 from export.modeling.static_cache import GroupQueryAttention, standard_attention
-from runtime.backends import BackendConfig
-from runtime.decoder.runner import PrefillRow
-from runtime.engine import Runtime, RuntimeConfig
+from runtime.engine import Runtime
 from runtime.manifest import load_manifest
-from runtime.prompts import encode, preference_prompt
-from runtime.types import (
-    BeamOptions,
-    DecodeMode,
-    HistoryItem,
-    PreferenceRequest,
-    PreferenceResult,
-    RecommendRequest,
-    SamplingOptions,
-    TextPiece,
-)
+from tests.integration.layouts import FormRuntimes
 
-HISTORY = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (3, 17, 42, 8))
-RATED = tuple(HistoryItem(item_id=f"P{k:05d}", rating=r, explanation=e)
-              for k, r, e in ((5, 4, "Great fit."), (9, 2, "Too small."), (12, 5, "Love the colour.")))
 COPY_WARNING = "in-place optimization not activated"
 
 
-def _open(artifacts: Path, cache: Path) -> Runtime:
-    cfg = RuntimeConfig(backend=BackendConfig(intra_op_threads=1), progress=False, latent_cache_dir=cache)
-    return Runtime.open(artifacts, cfg)
-
-
 @pytest.fixture(scope="module")
-def onnx_rt(tiny_onnx_attention_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    rt = _open(tiny_onnx_attention_artifacts, tmp_path_factory.mktemp("lat_onnx"))
-    assert rt.manifest.decoder.attention == "onnx" and rt.decoder.kv_layout == "inplace"
-    yield rt
-    rt.close()
-
-
-@pytest.fixture(scope="module")
-def gqa_rt(tiny_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    rt = _open(tiny_artifacts, tmp_path_factory.mktemp("lat_gqa"))
-    assert rt.manifest.decoder.attention == "gqa"
-    yield rt
-    rt.close()
-
-
-@pytest.fixture(scope="module")
-def concat_rt(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
-    rt = _open(tiny_concat_artifacts, tmp_path_factory.mktemp("lat_concat_onnx"))
-    assert rt.decoder.kv_layout == "concat"
-    yield rt
-    rt.close()
-
-
-def _explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]:
-    events = list(rt.explain(req))
-    final = events[-1]
-    assert isinstance(final, PreferenceResult)
-    return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
-
-
-def _target(k: int) -> HistoryItem:
-    return HistoryItem(item_id=f"P{20 + k:05d}")
+def onnx_rt(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    opened = FormRuntimes(request, tmp_path_factory)
+    yield opened("onnx")
+    opened.close()
 
 
 def test_standard_attention_equals_gqa_semantics_on_ragged_rows() -> None:
@@ -128,89 +79,11 @@ def test_graph_is_default_domain_opset_24(tiny_onnx_attention_artifacts: Path, t
     assert report["cases"] == 4 and report["max_abs_error"] < 1e-4
 
 
-def test_greedy_explain_matches_gqa_and_concat(onnx_rt: Runtime, gqa_rt: Runtime, concat_rt: Runtime) -> None:
-    req = PreferenceRequest(RATED, _target(1), SamplingOptions(max_new_tokens=12))
-    text, res = _explain(onnx_rt, req)
-    for other in (gqa_rt, concat_rt):
-        text_b, res_b = _explain(other, req)
-        assert text == text_b and res.rating == res_b.rating and res.timings.tokens == res_b.timings.tokens
-        np.testing.assert_allclose(res.rating_distribution, res_b.rating_distribution, rtol=1e-5, atol=1e-7)
-    assert res.timings.tokens > 1
-
-
-@pytest.mark.parametrize("mode", [DecodeMode.BEAM, DecodeMode.BEAM_CONSTRAINED])
-def test_beam_recommend_matches_gqa_and_concat(onnx_rt: Runtime, gqa_rt: Runtime, concat_rt: Runtime,
-                                                mode: DecodeMode) -> None:
-    req = RecommendRequest(HISTORY, top_k=4, mode=mode, beam=BeamOptions(num_beams=4, num_return_sequences=4,
-                                                                            max_new_tokens=5))
-    a = onnx_rt.recommend(req)
-    assert a.timings.tokens > 0 and (mode != DecodeMode.BEAM_CONSTRAINED or len(a.items) == 4)
-    for other in (gqa_rt, concat_rt):
-        b = other.recommend(req)
-        assert [i.item_id for i in a.items] == [i.item_id for i in b.items] and a.timings.tokens == b.timings.tokens
-        np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], rtol=1e-5, atol=1e-6)
-
-
-def test_beam_explanation_matches_gqa(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
-    req = PreferenceRequest(RATED, _target(2), SamplingOptions(max_new_tokens=6, num_beams=3))
-    assert _explain(onnx_rt, req)[0] == _explain(gqa_rt, req)[0]
-
-
-def test_right_padded_batch_logits_match_gqa(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
-    """Rows of three lengths, right-padded in one call: each row's logits equal its own call's and GQA's."""
-    t = onnx_rt.manifest.tokens
-    rows = []
-    for k, history in enumerate((RATED[:1], RATED, RATED[:2])):
-        prompt = encode(preference_prompt(onnx_rt.resolve(history), onnx_rt.resolve((_target(k),), "target")[0]),
-                        onnx_rt.tokenizer, t.endofchunk, t.image)
-        rows.append(PrefillRow(prompt.ids, onnx_rt.media.memory_for(prompt.prompt.images)[0]))
-    assert len({len(r.ids) for r in rows}) == 3
-    batched, reference = onnx_rt.decoder.prefill_batch(rows), gqa_rt.decoder.prefill_batch(rows)
-    scale = float(np.abs(reference).max())
-    np.testing.assert_allclose(batched, reference, rtol=1e-5, atol=1e-5 * scale)
-    for i, row in enumerate(rows):
-        np.testing.assert_allclose(batched[i], onnx_rt.decoder.prefill_batch([row])[0], rtol=1e-5, atol=1e-5 * scale)
-
-
-def test_prefix_hit_and_concurrent_streams_copy_nothing_per_step(onnx_rt: Runtime, gqa_rt: Runtime) -> None:
-    """A prefix-cache hit continues a prompt after cached positions (seq < total); 6 streams of different
-    lengths step together in one call per step with no KV copy, and each gives GQA's text."""
-    onnx_rt.prefix_cache.clear()
-    req = PreferenceRequest(RATED, _target(3), SamplingOptions(max_new_tokens=8), tenant="hit")
-    miss_text, miss = _explain(onnx_rt, req)
-    hit_text, hit = _explain(onnx_rt, req)
-    assert not miss.timings.prefix_cache_hit and hit.timings.prefix_cache_hit and hit_text == miss_text
-    np.testing.assert_allclose(hit.rating_distribution, miss.rating_distribution, rtol=1e-5, atol=1e-7)
-
-    reqs = [PreferenceRequest(RATED[: 1 + k % 3], _target(k), SamplingOptions(max_new_tokens=3 + 3 * k))
-            for k in range(6)]
-    expected = [_explain(gqa_rt, r)[0] for r in reqs]
-    pool = onnx_rt.decoder.pool  # type: ignore[attr-defined]
-    addresses = [b.bind(0, 1).address for b in (*pool.keys, *pool.values)]
-    before = onnx_rt.stats()
-    results: list[str | None] = [None] * len(reqs)
-
-    def run(i: int) -> None:
-        results[i] = _explain(onnx_rt, reqs[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    after = onnx_rt.stats()
-    assert results == expected
-    assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
-    assert after["kv_copy_bytes_step"] == before["kv_copy_bytes_step"]
-    assert [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] == addresses  # bound where they were
-    assert after["kv_pool_rows_used"] == 0 and pool.used == 0
-
-
 def _decode_feeds(m, batch: int, capacity: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # type: ignore[no-untyped-def]
     """Host feeds of one decode step (rows at lengths 5, 3, ...) and one KV buffer per past/present pair."""
     d, n = m.decoder, m.names
     lengths = np.array([5 - 2 * (r % 2) for r in range(batch)]) + 1
-    feeds = {
+    feeds: dict[str, np.ndarray] = {
         n.input_ids: np.arange(1, batch + 1, dtype=np.int64)[:, None],
         n.seqlens_k: (lengths - 1).astype(np.int32),
         n.total_sequence_length: np.array(lengths.max(), np.int32),
