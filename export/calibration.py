@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -91,6 +92,19 @@ def _spread(feeds: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.nda
     return [feeds[int(i)] for i in np.linspace(0, len(feeds) - 1, n).round().astype(int)]
 
 
+@contextlib.contextmanager
+def _runtime_logs_quiet() -> Iterator[None]:
+    """The calibration runtime's INFO lines (graph loads, providers) only with ``unimp -v``."""
+    logger = logging.getLogger("runtime")
+    level = logger.level
+    if not logging.getLogger("export").isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def record_feeds(artifacts: Path, samples: int, graphs: Sequence[str], *, threads: int = 0,
                  progress: bool = True) -> dict[str, list[dict[str, np.ndarray]]]:
     """Up to ``samples`` feeds per graph of ``graphs`` (vision, media_kv, decoder), from ``samples`` demo
@@ -110,7 +124,8 @@ def record_feeds(artifacts: Path, samples: int, graphs: Sequence[str], *, thread
     if len(ids) < HISTORY + 1:
         raise ValueError(f"{artifacts / manifest.catalog}: {len(ids)} catalog items with images; calibration "
                          f"needs at least {HISTORY + 1}")
-    with tempfile.TemporaryDirectory(prefix="unimp-calib-") as tmp, _recording(names) as recorded:
+    with tempfile.TemporaryDirectory(prefix="unimp-calib-") as tmp, _recording(names) as recorded, \
+            _runtime_logs_quiet():
         config = RuntimeConfig(backend=BackendConfig(intra_op_threads=threads, optimized_cache_dir=Path(tmp) / "ort"),
                                latent_cache_dir=Path(tmp) / "latents", background_encode=False, progress=False)
         rt = Runtime.open(artifacts, config)
