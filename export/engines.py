@@ -177,7 +177,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def build_engines(artifacts: Path | str, config: BuildConfig) -> dict[str, EngineEntry]:
     """Build the selected graphs' engines, record them in ``ARTIFACTS/manifest.json``; the new entries."""
     from runtime.backends import cuda
-    from runtime.backends.tensorrt import TensorRTUnavailable, tensorrt_module
+    from runtime.backends.tensorrt_package import TensorRTUnavailable, tensorrt_module
 
     config.validate()
     try:

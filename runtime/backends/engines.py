@@ -241,7 +241,7 @@ def check_engines(
         except CudaUnavailable as exc:
             missing = str(exc)
     if graphs and tensorrt_version is None and not missing:
-        from runtime.backends.tensorrt import TensorRTUnavailable, tensorrt_module
+        from runtime.backends.tensorrt_package import TensorRTUnavailable, tensorrt_module
 
         try:
             tensorrt_version = str(tensorrt_module().__version__)

@@ -57,7 +57,7 @@ def require_backend(config: BackendConfig, manifest: Manifest | None = None) -> 
     onnxruntime needs its execution provider (runtime.backends.ort.require_provider)."""
     if uses_native_engines(config, manifest):
         from runtime.backends.cuda import probe
-        from runtime.backends.tensorrt import tensorrt_module
+        from runtime.backends.tensorrt_package import tensorrt_module
 
         tensorrt_module()
         probe(config.device_id)

@@ -22,7 +22,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +29,7 @@ import numpy as np
 from runtime.backends import cuda
 from runtime.backends.base import BackendConfig
 from runtime.backends.buffers import Binding
+from runtime.backends.tensorrt_package import tensorrt_module
 from runtime.types import Unavailable
 
 if TYPE_CHECKING:
@@ -39,29 +39,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_INSTALL = ("install TensorRT 10 or 11 for this machine's CUDA (pip install tensorrt-cu12 on x86; JetPack ships it "
-            "on Jetson), or use provider 'cpu'/'cuda' with the ONNX graphs")
 _GRAPHS_KEPT = 32
 """Captured decode graphs kept per session (one per batch size and pool window in use)."""
-
-
-class TensorRTUnavailable(Unavailable):
-    """TensorRT cannot be used here; the message names what is missing."""
-
-
-def tensorrt_module() -> ModuleType:
-    """The ``tensorrt`` package, checked to be the real one (a stub package also imports)."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"the tensorrt package is not installed: {_INSTALL}") from exc
-    if not hasattr(tensorrt, "Builder") or not hasattr(tensorrt, "Runtime"):
-        where = getattr(tensorrt, "__file__", None) or list(getattr(tensorrt, "__path__", []))
-        raise TensorRTUnavailable(
-            f"'import tensorrt' found {where}, which is not TensorRT (no tensorrt.Builder): a stub or placeholder "
-            f"package (e.g. tensorrt-stubs) is installed; uninstall it and {_INSTALL}"
-        )
-    return tensorrt
 
 
 @dataclass

@@ -17,7 +17,8 @@ import pytest
 from runtime.backends import BackendConfig, open_session
 from runtime.backends.buffers import HostBuffer
 from runtime.backends.engines import EngineMismatch, engine_key
-from runtime.backends.tensorrt import TensorRTSession, TensorRTUnavailable
+from runtime.backends.tensorrt import TensorRTSession
+from runtime.backends.tensorrt_package import TensorRTUnavailable
 from runtime.manifest import load_manifest
 from tests.fakes import cudart as fake_cudart
 from tests.fakes import tensorrt as fake_trt
