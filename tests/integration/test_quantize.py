@@ -146,33 +146,38 @@ def _explained(rt: Runtime, req: PreferenceRequest) -> PreferenceResult:
     return final
 
 
+def assert_serves_every_task(rt: Runtime, fp32_runtime: Runtime, rating_atol: float) -> None:
+    """Recommend, search, rating + explanation, selection on a variant: well-formed results, ratings within
+    ``rating_atol`` of fp32 (shared by the qdq / fp16 tests)."""
+    rec = rt.recommend(RecommendRequest(RATED, top_k=10))
+    found = rt.search(SearchRequest(RATED, query="red running shoe", top_k=5))
+    for result, k in ((rec, 10), (found, 5)):
+        ids = [i.item_id for i in result.items]
+        assert len(ids) == k == len(set(ids)) and all(np.isfinite(i.score) for i in result.items)
+        assert all(rt.catalog.get(i).item_id == i for i in ids)  # catalog items (get raises otherwise)
+    for target in ("P00021", "P00044"):
+        req = PreferenceRequest(RATED, HistoryItem(item_id=target), SamplingOptions(max_new_tokens=8))
+        pref = rt.predict_preference(req)
+        ref = fp32_runtime.predict_preference(req)
+        assert abs(sum(pref.rating_distribution) - 1) < 1e-6
+        np.testing.assert_allclose(pref.rating_distribution, ref.rating_distribution, atol=rating_atol)
+        final = _explained(rt, req)
+        assert final.timings.tokens >= 1
+        # not bit-equal as in fp32: int8 activations are quantized per tensor, per call, so a prefix-cache
+        # hit (only the suffix prefilled) quantizes with another scale than the full prefill
+        np.testing.assert_allclose(final.rating_distribution, pref.rating_distribution, atol=rating_atol)
+    cands = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (60, 61, 62))
+    sel = rt.select_items(SelectRequest(RATED, cands, max_selected=2))
+    assert len(sel.selected) == 2 and len(sel.scores) == 3 and abs(sum(sel.scores) - 1) < 1e-6
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_runtime_serves_every_task(variants: dict[str, Path], fp32_runtime: Runtime, tmp_path: Path,
                                    precision: str) -> None:
     rt = _open(variants[precision], tmp_path / "lat")
     try:
         assert rt.manifest.graphs["decoder"].precision == precision
-        rec = rt.recommend(RecommendRequest(RATED, top_k=10))
-        found = rt.search(SearchRequest(RATED, query="red running shoe", top_k=5))
-        for result, k in ((rec, 10), (found, 5)):
-            ids = [i.item_id for i in result.items]
-            assert len(ids) == k == len(set(ids)) and all(np.isfinite(i.score) for i in result.items)
-            assert all(rt.catalog.get(i).item_id == i for i in ids)  # catalog items (get raises otherwise)
-        for target in ("P00021", "P00044"):
-            req = PreferenceRequest(RATED, HistoryItem(item_id=target), SamplingOptions(max_new_tokens=8))
-            pref = rt.predict_preference(req)
-            ref = fp32_runtime.predict_preference(req)
-            assert abs(sum(pref.rating_distribution) - 1) < 1e-6
-            np.testing.assert_allclose(pref.rating_distribution, ref.rating_distribution, atol=RATING_ATOL[precision])
-            final = _explained(rt, req)
-            assert final.timings.tokens >= 1
-            # not bit-equal as in fp32: int8 activations are quantized per tensor, per call, so a prefix-cache
-            # hit (only the suffix prefilled) quantizes with another scale than the full prefill
-            np.testing.assert_allclose(final.rating_distribution, pref.rating_distribution,
-                                       atol=RATING_ATOL[precision])
-        cands = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (60, 61, 62))
-        sel = rt.select_items(SelectRequest(RATED, cands, max_selected=2))
-        assert len(sel.selected) == 2 and len(sel.scores) == 3 and abs(sum(sel.scores) - 1) < 1e-6
+        assert_serves_every_task(rt, fp32_runtime, RATING_ATOL[precision])
     finally:
         rt.close()
 

@@ -20,13 +20,10 @@ from runtime.manifest import MANIFEST_NAME, load_manifest
 from runtime.types import (
     HistoryItem,
     PreferenceRequest,
-    RecommendRequest,
     SamplingOptions,
-    SearchRequest,
-    SelectRequest,
 )
 from tests.integration.eval_fixtures import copy_artifacts, write_splits
-from tests.integration.test_quantize import RATED, _const_matmuls, _explained, _open
+from tests.integration.test_quantize import RATED, _const_matmuls, _explained, _open, assert_serves_every_task
 from unimp.cli import main
 
 GRAPHS = ("decoder", "media_kv", "vision")
@@ -147,25 +144,7 @@ def test_runtime_serves_every_task(variants: dict[str, Path], fp32_runtime: Runt
     rt = _open(variants[variant], tmp_path / "lat")
     try:
         assert rt.manifest.graphs["decoder"].precision == variant.split("-")[0]
-        rec = rt.recommend(RecommendRequest(RATED, top_k=10))
-        found = rt.search(SearchRequest(RATED, query="red running shoe", top_k=5))
-        for result, k in ((rec, 10), (found, 5)):
-            ids = [i.item_id for i in result.items]
-            assert len(ids) == k == len(set(ids)) and all(np.isfinite(i.score) for i in result.items)
-            assert all(rt.catalog.get(i).item_id == i for i in ids)
-        for target in ("P00021", "P00044"):
-            req = PreferenceRequest(RATED, HistoryItem(item_id=target), SamplingOptions(max_new_tokens=8))
-            pref = rt.predict_preference(req)
-            ref = fp32_runtime.predict_preference(req)
-            assert abs(sum(pref.rating_distribution) - 1) < 1e-6
-            np.testing.assert_allclose(pref.rating_distribution, ref.rating_distribution, atol=RATING_ATOL[variant])
-            final = _explained(rt, req)
-            assert final.timings.tokens >= 1
-            np.testing.assert_allclose(final.rating_distribution, pref.rating_distribution,
-                                       atol=RATING_ATOL[variant])
-        cands = tuple(HistoryItem(item_id=f"P{k:05d}") for k in (60, 61, 62))
-        sel = rt.select_items(SelectRequest(RATED, cands, max_selected=2))
-        assert len(sel.selected) == 2 and len(sel.scores) == 3 and abs(sum(sel.scores) - 1) < 1e-6
+        assert_serves_every_task(rt, fp32_runtime, RATING_ATOL[variant])
     finally:
         rt.close()
 
