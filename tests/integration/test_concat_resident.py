@@ -188,3 +188,34 @@ def test_stable_batch_copies_nothing_and_binds_two_buffers_in_turn(host: Runtime
             for s in seqs:
                 core.release(s)
     assert rcore.kv_bytes() == 0 and rcore.copy_bytes()["leave"] - counts[-1]["leave"] == leave
+
+
+@pytest.mark.parametrize("provider", ["cpu", "cuda"])
+def test_the_runtime_keeps_the_kv_resident_only_off_the_cpu(tiny_concat_artifacts: Path, provider: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """``_open_core`` turns the resident buffers on for a GPU provider (rows = the batcher's width) and
+    leaves the CPU default as it was; the cuda session is a CPU one here, the choice reads the config."""
+    import runtime.engine as engine
+    from runtime.backends import BackendConfig
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_concat_artifacts, verify=False)
+    opened: list[BackendConfig] = []
+
+    def cpu_session(path: Path, config: BackendConfig, *args: Any, **kw: Any) -> Any:
+        opened.append(config)
+        return real(path, BackendConfig(intra_op_threads=1), *args, **kw)
+
+    real = engine.open_session
+    media_kv = real(tiny_concat_artifacts / manifest.graphs["media_kv"].file, BackendConfig())
+    monkeypatch.setattr(engine, "open_session", cpu_session)
+    config = engine.RuntimeConfig(backend=BackendConfig(provider=provider), max_context=32)  # type: ignore[arg-type]
+    core = engine._open_core(tiny_concat_artifacts, manifest, config, media_kv, rows=5)
+    assert isinstance(core, ConcatCore) and opened[0].provider == provider
+    d = manifest.decoder
+    if provider == "cpu":
+        assert not core.resident and core.buffers == []
+    else:
+        assert core.resident and core.rows == 5 and len(core.buffers) == 2
+        assert all(len(s) == d.num_layers for s in core.buffers)
+        assert {b.shape for s in core.buffers for pair in s for b in pair} == {(5, d.num_heads, 32, d.head_dim)}
