@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -316,6 +316,8 @@ class _Resident:
     text_time: np.ndarray
     current: int
     """Which of the two buffer sets holds the present."""
+    dropped: set[_ConcatSeq] = field(default_factory=set)
+    """Released sequences whose rows are left in the buffers (never read back)."""
 
     @property
     def length(self) -> int:
@@ -542,27 +544,31 @@ class ConcatCore:
 
     def _touch(self, seq: _ConcatSeq, keep: bool = True) -> None:
         """Before anything but a step reads or replaces ``seq``: a resident batch holding it goes back to
-        the host (``keep=False``: ``seq`` itself is dropped, its rows are not copied)."""
+        the host. ``keep=False`` (a release): ``seq``'s rows are only marked dead, the others stay resident
+        until they are touched or step in another batch (a batch whose sequences all leave is never read)."""
         res = self._res
-        if res is not None and seq in res.seqs:
-            self._write_back(skip=None if keep else seq)
+        if res is None or seq not in res.seqs:
+            return
+        if keep:
+            self._write_back()
+            return
+        res.dropped.add(seq)
+        if all(s in res.dropped for s in res.seqs):
+            self._set_resident(None)
 
-    def _write_back(self, skip: _ConcatSeq | None = None) -> None:
-        """The resident present into every batch sequence's ``RowState`` (one read per layer K and V)."""
+    def _write_back(self) -> None:
+        """The resident present into every live batch sequence's ``RowState`` (one read per layer K and V)."""
         res = self._res
         assert res is not None
         rows, length = int(res.mask.shape[0]), res.length
         shape = self._kv_shape(rows, length)
-        if all(seq is skip for seq in res.seqs):
-            self._set_resident(None)  # nothing left to keep
-            return
         keys = [pair[0].read_flat(shape) for pair in self.buffers[res.current]]
         values = [pair[1].read_flat(shape) for pair in self.buffers[res.current]]
         copied = sum(a.nbytes for a in (*keys, *values))
         start = 0
         for seq, st, own, pos in zip(res.seqs, res.states, res.own, res.next_pos):
             stop = start + st.rows
-            if seq is not skip:
+            if seq not in res.dropped:
                 cut = length - own
                 seq.state = RowState(
                     keys=[np.ascontiguousarray(k[start:stop, :, cut:]) for k in keys],
