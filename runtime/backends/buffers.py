@@ -12,6 +12,7 @@ implements the same protocol over its own allocations (e.g. CUDA memory and cuda
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -70,8 +71,8 @@ class Buffer(Protocol):
 
 def flat_size(shape: tuple[int, ...], capacity: int) -> int:
     """Elements of a flat view of ``shape`` in a buffer of ``capacity`` elements; ValueError if it exceeds it."""
-    n = int(np.prod(shape, dtype=np.int64))
-    if n > capacity or any(int(d) < 0 for d in shape):
+    n = math.prod(shape)
+    if n > capacity or min(shape, default=0) < 0:
         raise ValueError(f"a flat view of shape {tuple(shape)} ({n} elements) exceeds this buffer's {capacity}")
     return n
 
@@ -81,6 +82,7 @@ class HostBuffer:
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> None:
         self.array = np.zeros(shape, dtype)
+        self._address = int(self.array.ctypes.data)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,8 +115,9 @@ class HostBuffer:
         return self.array.reshape(-1)[:n].reshape(shape)
 
     def bind_flat(self, shape: tuple[int, ...]) -> Binding:
-        view = self._flat(tuple(shape))
-        return Binding("cpu", 0, self.array.dtype, tuple(view.shape), int(self.array.ctypes.data))
+        shape = tuple(int(d) for d in shape)
+        flat_size(shape, self.array.size)
+        return Binding("cpu", 0, self.array.dtype, shape, self._address)
 
     def read_flat(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.array(self._flat(tuple(shape)))
