@@ -219,3 +219,38 @@ def test_the_runtime_keeps_the_kv_resident_only_off_the_cpu(tiny_concat_artifact
         assert core.resident and core.rows == 5 and len(core.buffers) == 2
         assert all(len(s) == d.num_layers for s in core.buffers)
         assert {b.shape for s in core.buffers for pair in s for b in pair} == {(5, d.num_heads, 32, d.head_dim)}
+
+
+def test_a_release_leaves_the_batch_resident_until_the_others_move(host: Runtime, resident: Runtime) -> None:
+    """Releasing one sequence of a resident batch reads nothing; the survivors' next step in another batch
+    writes the batch back once (counted under ``leave``) and continues like the host path."""
+    hcore, rcore = host.decoder, resident.decoder
+    assert isinstance(hcore, ConcatCore) and isinstance(rcore, ConcatCore)
+    prompts = [_prompt(resident, 1), _prompt(resident, 0)]
+    hs, rs = [hcore.open(), hcore.open()], [rcore.open(), rcore.open()]
+    rng = np.random.default_rng(1)
+    vocab = resident.manifest.decoder.vocab_size
+    try:
+        for h, r, p in zip(hs, rs, prompts):
+            hcore.prefill(h, p)
+            rcore.prefill(r, p)
+        for _ in range(3):
+            tokens = [rng.integers(10, vocab, size=1) for _ in hs]
+            for x, y in zip(rcore.step(rs, tokens), hcore.step(hs, tokens)):
+                _close(x, y)
+        before = rcore.copy_bytes()["leave"]
+        hcore.release(hs[0])
+        rcore.release(rs[0])
+        assert rcore.copy_bytes()["leave"] == before  # nothing read back for a sequence that is gone
+        for _ in range(2):
+            tokens = [rng.integers(10, vocab, size=1)]
+            _close(rcore.step(rs[1:], tokens)[0], hcore.step(hs[1:], tokens)[0])
+        d = resident.manifest.decoder
+        padded = max(len(p.ids) for p in prompts) + 3
+        assert rcore.copy_bytes()["leave"] - before == 2 * d.num_layers * 2 * d.num_heads * padded * d.head_dim * 4
+        assert rcore.length(rs[1]) == hcore.length(hs[1])
+    finally:
+        for core, seqs in ((hcore, hs), (rcore, rs)):
+            for s in seqs:
+                core.release(s)
+    assert rcore.kv_bytes() == 0
