@@ -177,7 +177,9 @@ def _open_core(root: Path, manifest: Manifest, config: RuntimeConfig, media_kv: 
     if layout == "inplace":
         return InplaceCore(decoder, media_kv, manifest, slots=rows, max_context=context)
     if layout == "concat":
-        return ConcatCore(decoder, media_kv, manifest, max_context=context)
+        # on a GPU backend the KV stays in two alternating device buffers while a decode batch lasts
+        return ConcatCore(decoder, media_kv, manifest, max_context=context,
+                          resident=config.backend.provider != "cpu", rows=rows)
     raise ValueError(f"manifest decoder.kv_layout {layout!r} is not one this runtime serves (inplace, concat)")
 
 

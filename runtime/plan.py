@@ -313,7 +313,9 @@ def _notes(plan: Plan, manifest: Manifest, config: RuntimeConfig) -> list[str]:
     notes = list(plan.board.notes)
     if plan.kv_layout == "concat":
         notes.append("concat KV layout: each sequence's cache grows step by step up to the pool figure, and a step "
-                     "holds past and present at once (up to twice the self-attention K/V of the rows stepping)")
+                     "holds past and present at once (up to twice the self-attention K/V of the rows stepping); with a GPU "
+                     "provider both sets are allocated at startup (the KV stays on the device in two alternating "
+                     "buffers of the pool's size)")
     if any(line.estimate and line.group == "weights" for line in plan.lines):
         notes.append("scaled weights are estimates: run `unimp quantize` (int8 / int4) or build the fp16 engines and "
                      "plan the result for file sizes")

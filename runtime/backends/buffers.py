@@ -4,12 +4,15 @@ A ``Buffer`` is one allocation of shape (rows, ...); ``Binding`` names a contigu
 rows as a tensor (device, element type, shape, address). The decoder's KV pool holds one buffer per layer
 K and V and binds the window of the rows in a batch to ``past_*`` and ``present_*`` at once, so the graph
 updates them in place. Row copies (beam forks, prefix loads, compaction) go through the buffer, never
-through a fresh array per step. ``HostBuffer`` is the CPU implementation (numpy memory); a device backend
+through a fresh array per step. The concat decoder layout on a device backend instead views the first elements
+of a buffer as one tensor of the step's shape (``bind_flat``): its past in one buffer, its present written
+into a second, the two swapped each step. ``HostBuffer`` is the CPU implementation (numpy memory); a device backend
 implements the same protocol over its own allocations (e.g. CUDA memory and cudaMemcpy).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,12 +56,33 @@ class Buffer(Protocol):
         """A host copy (1, H, length, hd) of the first ``length`` positions of ``row``."""
         ...
 
+    def bind_flat(self, shape: tuple[int, ...]) -> Binding:
+        """The first prod(``shape``) elements as one contiguous tensor of ``shape`` (ignoring the row layout)."""
+        ...
+
+    def read_flat(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A host copy of the first prod(``shape``) elements, as ``shape``."""
+        ...
+
+    def write_flat(self, data: np.ndarray) -> int:
+        """Host ``data`` (any shape, cast to the buffer's type) into the first ``data.size`` elements. Returns bytes."""
+        ...
+
+
+def flat_size(shape: tuple[int, ...], capacity: int) -> int:
+    """Elements of a flat view of ``shape`` in a buffer of ``capacity`` elements; ValueError if it exceeds it."""
+    n = math.prod(shape)
+    if n > capacity or min(shape, default=0) < 0:
+        raise ValueError(f"a flat view of shape {tuple(shape)} ({n} elements) exceeds this buffer's {capacity}")
+    return n
+
 
 class HostBuffer:
     """A ``Buffer`` in host memory (numpy). Zero-filled lazily by the OS (untouched pages cost no RSS)."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> None:
         self.array = np.zeros(shape, dtype)
+        self._address = int(self.array.ctypes.data)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,3 +109,20 @@ class HostBuffer:
 
     def read(self, row: int, length: int) -> np.ndarray:
         return np.array(self.array[row : row + 1, :, :length])
+
+    def _flat(self, shape: tuple[int, ...]) -> np.ndarray:
+        n = flat_size(shape, self.array.size)
+        return self.array.reshape(-1)[:n].reshape(shape)
+
+    def bind_flat(self, shape: tuple[int, ...]) -> Binding:
+        shape = tuple(int(d) for d in shape)
+        flat_size(shape, self.array.size)
+        return Binding("cpu", 0, self.array.dtype, shape, self._address)
+
+    def read_flat(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.array(self._flat(tuple(shape)))
+
+    def write_flat(self, data: np.ndarray) -> int:
+        data = np.asarray(data)
+        self._flat(tuple(data.shape))[...] = data
+        return int(data.size * self.array.itemsize)

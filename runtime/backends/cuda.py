@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends.buffers import Binding
+from runtime.backends.buffers import Binding, flat_size
 from runtime.types import Unavailable
 
 _INSTALL_HINT = "pip install 'cuda-python>=12' matching the machine's CUDA major version (12 on JetPack 6)"
@@ -343,6 +343,30 @@ class DeviceBuffer:
                      cudart().cudaMemcpyKind.cudaMemcpyDeviceToHost)
         _sync(self.stream)
         return np.array(staged)
+
+    def bind_flat(self, shape: tuple[int, ...]) -> Binding:
+        shape = tuple(int(d) for d in shape)
+        flat_size(shape, self._nbytes // self.dtype.itemsize)
+        self._live()
+        return Binding("cuda", self.device_id, self.dtype, shape, self.address)
+
+    def read_flat(self, shape: tuple[int, ...]) -> np.ndarray:
+        shape = tuple(int(d) for d in shape)
+        flat_size(shape, self._nbytes // self.dtype.itemsize)
+        self._live()
+        out = np.empty(shape, self.dtype)
+        if out.size:
+            to_host(out, self.address, self.stream)
+        return out
+
+    def write_flat(self, data: np.ndarray) -> int:
+        host = np.ascontiguousarray(data, self.dtype)
+        flat_size(tuple(host.shape), self._nbytes // self.dtype.itemsize)
+        self._live()
+        if host.size:
+            to_device(self.address, host, self.stream)
+            _sync(self.stream)  # ``host`` may be a temporary: the copy has landed before it goes
+        return int(host.nbytes)
 
     def free(self) -> None:
         """Release the device and pinned memory (idempotent)."""

@@ -12,18 +12,21 @@ are all a task needs: its own buffers, any thread), ``step`` (several sequences 
 
 from __future__ import annotations
 
+import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
 from runtime.backends.base import Session
-from runtime.backends.buffers import Binding, HostBuffer
+from runtime.backends.buffers import Binding, Buffer, HostBuffer
 from runtime.decoder.kv_cache import PrefixEntry, RowState
 from runtime.decoder.pool import COPY_CAUSES, KVPool, RowSet
 from runtime.decoder.runner import DecoderRunner, Memory, PrefillRow, prefix_entry
 from runtime.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -289,24 +292,74 @@ def _frozen(keys: tuple[np.ndarray, ...], values: tuple[np.ndarray, ...], length
 class _ConcatSeq:
     def __init__(self) -> None:
         self.state: RowState | None = None
+        """Its KV on the host; stale while the sequence is in the core's resident batch."""
 
     @property
     def rows(self) -> int:
         return 0 if self.state is None else self.state.rows
 
 
+@dataclass
+class _Resident:
+    """The sequences of the last decode step, in its order, whose present lives in a core buffer."""
+
+    seqs: list[_ConcatSeq]
+    states: list[RowState]
+    """Each sequence's state when it joined (memory, has_image; its KV is stale)."""
+    own: list[int]
+    """Each sequence's own length (positions without this batch's left padding)."""
+    next_pos: list[np.ndarray]
+    mask: np.ndarray
+    """(B, P) of the present in the current buffer."""
+    memory: dict[str, np.ndarray]
+    """The cross-attention K/V feeds (fixed while the batch lasts)."""
+    text_time: np.ndarray
+    current: int
+    """Which of the two buffer sets holds the present."""
+    dropped: set[_ConcatSeq] = field(default_factory=set)
+    """Released sequences whose rows are left in the buffers (never read back)."""
+
+    @property
+    def length(self) -> int:
+        return int(self.mask.shape[1])
+
+
 class ConcatCore:
-    """The ``concat`` layout over ``RowState`` arrays (``DecoderRunner``); every step copies the KV."""
+    """The ``concat`` layout over ``RowState`` arrays (``DecoderRunner``); every step copies the KV.
+
+    ``resident`` (device backends): a step over the same sequences in the same order as the previous one,
+    none of them touched in between, binds ``past_*`` to one of two buffer sets per layer (the last present,
+    viewed as (B, H, P, hd)) and ``present_*`` to the other (B, H, P + 1, hd), then swaps them: the KV stays
+    in backend memory and the runtime copies none of it (the graph's own Concat still writes the whole
+    present into the other buffer). Any other operation on a resident sequence, or a step of another
+    composition, first writes the resident present back into the sequences' ``RowState`` (counted under
+    ``leave``); the step that starts a batch runs from the host states as without ``resident``. A batch
+    wider than ``rows`` or longer than ``max_context`` runs on the host (logged once).
+    """
 
     kv_layout = "concat"
     pool_bytes = 0
 
-    def __init__(self, decoder: Session, media_kv: Session, manifest: Manifest, *, max_context: int) -> None:
+    def __init__(self, decoder: Session, media_kv: Session, manifest: Manifest, *, max_context: int,
+                 resident: bool = False, rows: int = 8) -> None:
         self.runner = DecoderRunner(decoder, media_kv, manifest)
         self.max_context = min(max_context, manifest.decoder.max_positions)
         self._copied = dict.fromkeys(COPY_CAUSES, 0)
         self._live: set[_ConcatSeq] = set()
         self._lock = threading.Lock()
+        self.resident = resident
+        self.rows = rows
+        self._res: _Resident | None = None
+        self._res_bytes = 0
+        self._warned = False
+        self.buffers: list[list[tuple[Buffer, Buffer]]] = []
+        """Two sets (A, B) of per-layer (K, V) buffers of rows * H * max_context * hd elements each."""
+        if resident:
+            d = manifest.decoder
+            shape = (rows, d.num_heads, self.max_context, d.head_dim)
+            self.buffers = [[(decoder.allocate(shape), decoder.allocate(shape)) for _ in range(d.num_layers)]
+                            for _ in range(2)]
+            self._capacity = int(np.prod(shape))
 
     def _count(self, cause: str, nbytes: int) -> None:
         with self._lock:
@@ -322,7 +375,9 @@ class ConcatCore:
 
     def kv_bytes(self) -> int:
         with self._lock:
-            return sum(s.state.nbytes for s in self._live if s.state is not None)
+            res = set(self._res.seqs) if self._res is not None else set()
+            host = sum(s.state.nbytes for s in self._live if s.state is not None and s not in res)
+            return host + self._res_bytes
 
     def media_kv(self, latents: np.ndarray) -> Memory:
         return self.runner.media_kv(latents)
@@ -335,6 +390,9 @@ class ConcatCore:
 
     def length(self, seq: Handle) -> int:
         assert isinstance(seq, _ConcatSeq)
+        res = self._res
+        if res is not None and seq in res.seqs:
+            return int(res.next_pos[res.seqs.index(seq)].max())
         return 0 if seq.state is None else int(seq.state.next_pos.max())
 
     def _prefill_state(self, prompt: PrefillInput) -> tuple[np.ndarray, RowState, PrefixEntry | None]:
@@ -353,6 +411,7 @@ class ConcatCore:
 
     def prefill(self, seq: Handle, prompt: PrefillInput) -> PrefillOutput:
         assert isinstance(seq, _ConcatSeq)
+        self._touch(seq)
         logits, seq.state, entry = self._prefill_state(prompt)
         return PrefillOutput(logits, entry)
 
@@ -365,15 +424,34 @@ class ConcatCore:
         return self.runner.prefill(rows)[0]
 
     def step(self, seqs: list[Handle], tokens: list[np.ndarray]) -> list[np.ndarray]:
+        res = self._res
+        if res is not None and len(seqs) == len(res.seqs) and all(a is b for a, b in zip(seqs, res.seqs)):
+            if max(int(p.max()) for p in res.next_pos) >= self.max_context:
+                raise ValueError(f"a sequence reached the maximum context of {self.max_context} tokens")
+            if self._fits(sum(st.rows for st in res.states), res.length + 1):
+                return self._resident_step(res, tokens)
+            self._write_back()  # grew past the buffers: on the host from here
+        elif res is not None:
+            self._write_back()  # another composition: the batch leaves the buffers
         states = [s.state for s in seqs]  # type: ignore[attr-defined]
         assert all(st is not None for st in states)
         if max(int(st.next_pos.max()) for st in states) >= self.max_context:  # type: ignore[union-attr]
             raise ValueError(f"a sequence reached the maximum context of {self.max_context} tokens")
-        logits, new = self.runner.step(states, tokens)  # type: ignore[arg-type]
         # the graph writes every row's whole past again (present = Concat(past, new)); batching several
         # sequences, or padding them to one length, also copies every past on the host first
-        present = sum(sum(k.nbytes + v.nbytes for k, v in zip(st.keys, st.values)) for st in new)
         host = sum(st.nbytes for st in states) if len(states) > 1 else 0  # type: ignore[union-attr]
+        if self.resident:
+            rows = sum(st.rows for st in states)  # type: ignore[union-attr]
+            length = max(st.length for st in states)  # type: ignore[union-attr]
+            if self._fits(rows, length + 1):
+                return self._join(seqs, states, tokens, host)  # type: ignore[arg-type]
+            if not self._warned:
+                self._warned = True
+                log.warning("concat KV: a decode batch of %d rows x %d positions exceeds the resident buffers "
+                            "(%d rows x %d positions); such batches run on the host", rows, length + 1, self.rows,
+                            self.max_context)
+        logits, new = self.runner.step(states, tokens)  # type: ignore[arg-type]
+        present = sum(sum(k.nbytes + v.nbytes for k, v in zip(st.keys, st.values)) for st in new)
         self._count("step", present + host)
         for seq, st in zip(seqs, new):
             seq.state = st  # type: ignore[attr-defined]
@@ -384,11 +462,119 @@ class ConcatCore:
         parents = np.asarray(parents, np.int64)
         if np.array_equal(parents, np.arange(seq.state.rows)):
             return
+        self._touch(seq)
+        assert seq.state is not None
         seq.state = seq.state.select(parents)
         self._count("fork", seq.state.nbytes)
 
     def release(self, seq: Handle) -> None:
         assert isinstance(seq, _ConcatSeq)
+        self._touch(seq, keep=False)
         seq.state = None
         with self._lock:
             self._live.discard(seq)
+
+    # -- the resident batch ---------------------------------------------------------------------------
+    def _fits(self, rows: int, length: int) -> bool:
+        d = self.runner
+        return self.resident and rows * d.heads * length * d.head_dim <= self._capacity
+
+    def _bind(self, which: int, shape: tuple[int, ...], names: list[tuple[str, str]]) -> dict[str, Binding]:
+        return {name: buf.bind_flat(shape) for (kn, vn), pair in zip(names, self.buffers[which])
+                for name, buf in ((kn, pair[0]), (vn, pair[1]))}
+
+    def _kv_shape(self, rows: int, length: int) -> tuple[int, int, int, int]:
+        return rows, self.runner.heads, length, self.runner.head_dim
+
+    def _join(self, seqs: list[_ConcatSeq], states: list[RowState], tokens: list[np.ndarray], host: int) -> list[np.ndarray]:
+        """The first step of a batch: past from the host states, present into buffer set A."""
+        r = self.runner
+        length = max(st.length for st in states)
+        feeds, mask = r.step_feeds(states, tokens)
+        rows = int(mask.shape[0])
+        name = r.m.names.logits
+        bound = self._bind(0, self._kv_shape(rows, length + 1), r.present_names)
+        r.calls += 1
+        logits = r.decoder.run_bound(feeds, bound, [name])[name]
+        memory = {kn: feeds[kn] for pair in r.memory_names for kn in pair}
+        res = _Resident(list(seqs), list(states), [st.length + 1 for st in states], [st.next_pos + 1 for st in states],
+                        mask, memory, feeds[r.m.names.text_time], 0)
+        present = 2 * r.layers * rows * r.heads * (length + 1) * r.head_dim * 4
+        self._count("step", present + host)  # as a host step: the graph wrote the whole present
+        self._set_resident(res)
+        return self._split_logits(states, logits)
+
+    def _resident_step(self, res: _Resident, tokens: list[np.ndarray]) -> list[np.ndarray]:
+        """past_* = the present of the last step in one buffer set, present_* into the other; no KV copy."""
+        r = self.runner
+        n = r.m.names
+        rows, length = int(res.mask.shape[0]), res.length
+        mask = np.concatenate([res.mask, np.ones((rows, 1), np.int64)], axis=1)
+        feeds = {n.input_ids: np.concatenate([np.asarray(t, np.int64).reshape(-1) for t in tokens])[:, None],
+                 n.position_ids: np.concatenate(res.next_pos)[:, None], n.attention_mask: mask,
+                 n.text_time: res.text_time, **res.memory}
+        nxt = 1 - res.current
+        bound = self._bind(res.current, self._kv_shape(rows, length), r.past_names)
+        bound.update(self._bind(nxt, self._kv_shape(rows, length + 1), r.present_names))
+        r.calls += 1
+        logits = r.decoder.run_bound(feeds, bound, [n.logits])[n.logits]
+        res.mask, res.current = mask, nxt
+        res.own = [o + 1 for o in res.own]
+        res.next_pos = [p + 1 for p in res.next_pos]
+        self._set_resident(res)
+        return self._split_logits(res.states, logits)
+
+    @staticmethod
+    def _split_logits(states: list[RowState], logits: np.ndarray) -> list[np.ndarray]:
+        out, start = [], 0
+        for st in states:
+            out.append(logits[start : start + st.rows])
+            start += st.rows
+        return out
+
+    def _set_resident(self, res: _Resident | None) -> None:
+        nbytes = 0
+        if res is not None:
+            r = self.runner
+            kv = 2 * r.layers * int(res.mask.shape[0]) * r.heads * res.length * r.head_dim * 4
+            mem = sum(a.nbytes for a in res.memory.values())
+            nbytes = kv + mem + int(res.mask.nbytes)
+        with self._lock:
+            self._res, self._res_bytes = res, nbytes
+
+    def _touch(self, seq: _ConcatSeq, keep: bool = True) -> None:
+        """Before anything but a step reads or replaces ``seq``: a resident batch holding it goes back to
+        the host. ``keep=False`` (a release): ``seq``'s rows are only marked dead, the others stay resident
+        until they are touched or step in another batch (a batch whose sequences all leave is never read)."""
+        res = self._res
+        if res is None or seq not in res.seqs:
+            return
+        if keep:
+            self._write_back()
+            return
+        res.dropped.add(seq)
+        if all(s in res.dropped for s in res.seqs):
+            self._set_resident(None)
+
+    def _write_back(self) -> None:
+        """The resident present into every live batch sequence's ``RowState`` (one read per layer K and V)."""
+        res = self._res
+        assert res is not None
+        rows, length = int(res.mask.shape[0]), res.length
+        shape = self._kv_shape(rows, length)
+        keys = [pair[0].read_flat(shape) for pair in self.buffers[res.current]]
+        values = [pair[1].read_flat(shape) for pair in self.buffers[res.current]]
+        copied = sum(a.nbytes for a in (*keys, *values))
+        start = 0
+        for seq, st, own, pos in zip(res.seqs, res.states, res.own, res.next_pos):
+            stop = start + st.rows
+            if seq not in res.dropped:
+                cut = length - own
+                seq.state = RowState(
+                    keys=[np.ascontiguousarray(k[start:stop, :, cut:]) for k in keys],
+                    values=[np.ascontiguousarray(v[start:stop, :, cut:]) for v in values],
+                    mask=res.mask[start:stop, cut:], next_pos=pos, memory=st.memory, has_image=st.has_image)
+            start = stop
+        self._count("leave", copied)
+        self._set_resident(None)
+

@@ -134,23 +134,35 @@ class DecoderRunner:
         its own last image). Returns per state the logits (n_i, V) and the advanced state.
         """
         length = max(s.length for s in states)
+        feeds, mask = self.step_feeds(states, tokens)
+        logits, new_keys, new_values = self._run(feeds)
+        return self.split(states, length, logits, mask, new_keys, new_values)
 
-        def batched(parts: list[np.ndarray]) -> np.ndarray:
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one state: no copy
-
-        keys = [batched([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
-        values = [batched([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
-        past_mask = batched([left_pad(s.mask, length, 1) for s in states])
+    def step_feeds(self, states: list[RowState], tokens: list[np.ndarray], *,
+                   past: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A decode step's host feeds over ``states`` left-padded to the longest, and its (B, L+1) mask.
+        ``past=False`` leaves out ``past_*`` (bound elsewhere, e.g. device buffers)."""
+        length = max(s.length for s in states)
+        past_mask = _batched([left_pad(s.mask, length, 1) for s in states])
         b = past_mask.shape[0]
         mask = np.concatenate([past_mask, np.ones((b, 1), np.int64)], axis=1)
-        ids = batched([np.asarray(t, np.int64).reshape(-1) for t in tokens])[:, None]
-        positions = batched([s.next_pos for s in states])[:, None]
-        text_time = batched([s.has_image for s in states])[:, None]
+        ids = _batched([np.asarray(t, np.int64).reshape(-1) for t in tokens])[:, None]
+        positions = _batched([s.next_pos for s in states])[:, None]
+        text_time = _batched([s.has_image for s in states])[:, None]
         memory = [
-            (batched([s.memory[j][0] for s in states]), batched([s.memory[j][1] for s in states]))
+            (_batched([s.memory[j][0] for s in states]), _batched([s.memory[j][1] for s in states]))
             for j in range(self.blocks)
         ]
-        logits, new_keys, new_values = self._run(self._feeds(ids, positions, mask, text_time, keys, values, memory))
+        if past:
+            keys = [_batched([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
+            values = [_batched([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
+        else:
+            keys, values = [], []
+        return self._feeds(ids, positions, mask, text_time, keys, values, memory), mask
+
+    def split(self, states: list[RowState], length: int, logits: np.ndarray, mask: np.ndarray,
+              new_keys: list[np.ndarray], new_values: list[np.ndarray]) -> tuple[list[np.ndarray], list[RowState]]:
+        """A step's batched outputs (padded to ``length`` + 1) back into one advanced state per input state."""
         out_logits, out_states = [], []
         start = 0
         for s in states:
@@ -199,6 +211,10 @@ class DecoderRunner:
         keys = [out[k] for k, _ in self.present_names]
         values = [out[v] for _, v in self.present_names]
         return logits, keys, values
+
+
+def _batched(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)  # one state: no copy
 
 
 def prefix_entry(state: RowState, row: int, length: int, images: int) -> PrefixEntry:

@@ -66,3 +66,17 @@ def explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]
 
 def target(k: int) -> HistoryItem:
     return HistoryItem(item_id=f"P{20 + k:05d}")
+
+
+def make_resident(rt: Runtime) -> Runtime:
+    """``rt`` (a concat runtime on ONNX Runtime CPU) decoding with its KV in two alternating session
+    buffers (``ConcatCore(resident=True)``, what a GPU provider gets), over the same sessions."""
+    from runtime.decoder.core import ConcatCore
+
+    host = rt.decoder
+    assert isinstance(host, ConcatCore) and not host.resident
+    core = ConcatCore(host.session, host.runner.media_kv_session, rt.manifest, max_context=host.max_context,
+                      resident=True, rows=rt.batcher.rows)
+    rt.decoder = core
+    rt.batcher.core = core
+    return rt

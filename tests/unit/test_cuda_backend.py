@@ -60,6 +60,38 @@ def test_bind_windows_leading_rows(monkeypatch: pytest.MonkeyPatch) -> None:
         dev.bind(2, 5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_flat_views_match_host_buffer(monkeypatch: pytest.MonkeyPatch, dtype: type) -> None:
+    """bind_flat / write_flat / read_flat: the first prod(shape) elements as one tensor, whatever the row
+    layout (the concat layout's alternating past/present), the same bytes on both buffers."""
+    fake = install(monkeypatch)
+    shape = (4, 2, 6, 3)
+    host, dev = HostBuffer(shape, dtype), cuda.DeviceBuffer(shape, dtype, stream=cuda.Stream())
+    rng = np.random.default_rng(1)
+    step = rng.standard_normal((3, 2, 5, 3))  # 3 rows of 5 positions: does not line up with the rows of 6
+    assert host.write_flat(step) == dev.write_flat(step) == step.size * np.dtype(dtype).itemsize
+    assert _device_array(fake, dev).tobytes() == host.array.tobytes()
+    np.testing.assert_array_equal(host.array.reshape(-1)[: step.size], step.astype(dtype).reshape(-1))
+    assert not host.array.reshape(-1)[step.size :].any()  # nothing past the view was written
+    for view in [(3, 2, 5, 3), (3, 2, 6, 3), (1, 2, 1, 3), (0, 2, 4, 3)]:
+        a, b = host.read_flat(view), dev.read_flat(view)
+        assert a.shape == b.shape == view and a.dtype == b.dtype == np.dtype(dtype)
+        assert a.tobytes() == b.tobytes()
+    hb, db = host.bind_flat((3, 2, 7, 3)), dev.bind_flat((3, 2, 7, 3))
+    assert (hb.device, hb.shape, hb.address) == ("cpu", (3, 2, 7, 3), host.array.ctypes.data)
+    assert (db.device, db.shape, db.address, db.dtype) == ("cuda", (3, 2, 7, 3), dev.address, np.dtype(dtype))
+    for buf in (host, dev):
+        with pytest.raises(ValueError, match="exceeds"):
+            buf.bind_flat((4, 2, 6, 4))  # one element per position too many
+        with pytest.raises(ValueError, match="exceeds"):
+            buf.write_flat(np.zeros((5, 2, 6, 3)))
+        with pytest.raises(ValueError, match="exceeds"):
+            buf.read_flat((4, 2, 7, 3))
+    dev.free()
+    with pytest.raises(RuntimeError, match="freed"):
+        dev.read_flat((1, 1, 1, 1))
+
+
 def test_free_releases_memory_once(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = install(monkeypatch)
     dev = cuda.DeviceBuffer((3, 2, 4, 2))
