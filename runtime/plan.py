@@ -316,7 +316,7 @@ def _notes(plan: Plan, manifest: Manifest, config: RuntimeConfig) -> list[str]:
         notes.append("concat KV layout: each sequence's cache grows step by step up to the pool figure, and a step "
                      "holds past and present at once (up to twice the self-attention K/V of the rows stepping); with a GPU "
                      "provider both sets are allocated at startup (the KV stays on the device in two alternating "
-                     f"buffers of the pool's size): add up to {pool / 1e6:.2f} MB to the total for cuda / tensorrt (two sets of the batch width's rows)")
+                     f"buffer sets, each at most the pool figure): add up to {pool / 1e6:.2f} MB for cuda / tensorrt")
     if any(line.estimate and line.group == "weights" for line in plan.lines):
         notes.append("scaled weights are estimates: run `unimp quantize` (int8 / int4) or build the fp16 engines and "
                      "plan the result for file sizes")
