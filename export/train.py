@@ -466,9 +466,10 @@ def train(
         save_state(resume.directory, setup, step, state, info)
         log.info("saved the training state at step %d in %.2f s", step, time.perf_counter() - t)
 
-    def stop(reason: str, stage: str, step: int) -> None:
+    def stop(reason: str, stage: str, step: int, saving: bool = True) -> None:
         assert resume is not None
-        save(step)
+        if saving:
+            save(step)
         raise TrainingStopped(reason, step, cfg.steps, resume.directory, stage)
 
     watch = StopWatch(resume.deadline if resume is not None else None)
@@ -476,8 +477,9 @@ def train(
         with watch.armed() if resume is not None else contextlib.nullcontext(watch):
             media = None
             if not cfg.train_vision and start < cfg.steps:
+                # stopped here, nothing has changed since the saved state (if any): the cache is the progress
                 media = cached_media(model.encode_images, pixels, key, state_dir, watch if resume else None,
-                                     progress, lambda reason, stage: stop(reason, stage, start))
+                                     progress, lambda reason, stage: stop(reason, stage, start, saving=False))
             bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
             if losses:
                 bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")

@@ -60,7 +60,8 @@ def _export(args: argparse.Namespace) -> int:
         why = {"time": f"after --train-max-minutes {args.train_max_minutes:g}" if args.train_max_minutes else "",
                "stop_after": "on request"}.get(stopped.reason, f"on {stopped.reason}")
         again = [a for a in (args.argv or []) if a != "--restart"]
-        print(f"training stopped {why} at {stopped.stage} (step {stopped.step}/{stopped.steps}); the state is saved "
+        where = f"{stopped.stage}, step" if stopped.stage != "train" else "step"
+        print(f"training stopped {why} ({where} {stopped.step}/{stopped.steps}); the progress is saved "
               f"in {stopped.state_dir}. Run the same command again to continue"
               + (f": unimp {' '.join(shlex.quote(a) for a in again)}" if again else ""), file=sys.stderr)
         return stopped.exit_code

@@ -162,10 +162,17 @@ def test_sigint_saves_the_state_after_the_current_step(setup: dict[str, Any], tm
 def test_the_deadline_stops_with_the_state_saved(setup: dict[str, Any], tmp_path: Path) -> None:
     import time
 
-    with pytest.raises(TrainingStopped) as stopped:
+    with pytest.raises(TrainingStopped) as stopped:  # past the deadline before the catalog encode
         _run(setup, Counted(setup).model, directory=tmp_path, deadline=time.monotonic())
-    assert stopped.value.reason == "time" and stopped.value.step == 0
+    assert (stopped.value.reason, stopped.value.step, stopped.value.exit_code) == ("time", 0, 0)
     assert stopped.value.stage.startswith("catalog encode (0/")
+    assert not (tmp_path / STATE_JSON).exists()  # nothing trained yet: the catalog cache is the progress
+    with pytest.raises(TrainingStopped):
+        _run(setup, Counted(setup).model, directory=tmp_path, stop_after=1)
+    with pytest.raises(TrainingStopped) as stopped:  # resumed past the deadline: one step, then saved
+        _run(setup, Counted(setup).model, directory=tmp_path, deadline=time.monotonic())
+    assert (stopped.value.reason, stopped.value.step, stopped.value.stage) == ("time", 2, "train")
+    assert json.loads((tmp_path / STATE_JSON).read_text())["step"] == 2
 
 
 @pytest.mark.parametrize("extra, message", [
