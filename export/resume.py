@@ -221,7 +221,7 @@ def cached_media(
             if watch is not None and on_stop is not None and (reason := watch.reason()):
                 bar.close()
                 have = sum(len(t) for t in out if t is not None)
-                on_stop(reason, f"catalog encode ({have}/{n} images cached)")
+                on_stop(reason, f"catalog encode, {have}/{n} images cached")
             start = c * MEDIA_CHUNK
             t = encode(pixels[start:start + MEDIA_CHUNK]).contiguous()
             if where is not None:

@@ -367,15 +367,20 @@ def init_item_embeddings(model: UniMP, examples: ShopExamples) -> None:
 
 def _setup(model: UniMP, examples: ShopExamples, users: list[dict[str, Any]], cfg: TrainConfig,
            media_key: str) -> dict[str, Any]:
-    """What a saved training state must match to be resumed (the thread count is not part of it)."""
+    """What a saved training state must match to be resumed: the recipe, the model config, the data and
+    tokenizer, the training code (export/train.py, export/modeling/) and the catalog-encode key (the thread
+    count is not part of it)."""
     import hashlib
     from dataclasses import asdict
 
     data = hashlib.sha256(json.dumps([users, [asdict(r) for r in examples.records]], sort_keys=True).encode())
     data.update(examples.tokenizer.to_str().encode())
+    code = hashlib.sha256()  # the training arithmetic: this module and the model's
+    for path in [Path(__file__), *sorted((Path(__file__).parent / "modeling").glob("*.py"))]:
+        code.update(path.name.encode() + path.read_bytes())
     train_cfg = {k: v for k, v in asdict(cfg).items() if k != "threads"}
     return {"train": json.loads(json.dumps(train_cfg)), "model": json.loads(json.dumps(model.cfg.to_dict())),
-            "data_sha256": data.hexdigest()[:20], "media_key": media_key}
+            "data_sha256": data.hexdigest()[:20], "code_sha256": code.hexdigest()[:20], "media_key": media_key}
 
 
 def train(

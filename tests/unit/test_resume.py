@@ -116,6 +116,13 @@ def test_a_state_of_another_setup_is_refused_and_restart_discards_it(setup: dict
     other = TrainConfig(steps=8, batch_size=3, lr=5e-3, warmup=2)
     with pytest.raises(StateError, match=r"state\.json: .*step 2.*train\.steps: saved 6, now 8.*--restart"):
         _run(setup, Counted(setup).model, other, directory=tmp_path)
+    import export.train as tr
+
+    real = tr._setup
+    with pytest.MonkeyPatch.context() as mp:  # an edited training module is another setup too
+        mp.setattr(tr, "_setup", lambda *a: {**real(*a), "code_sha256": "edited"})
+        with pytest.raises(StateError, match=r"code_sha256: saved '[0-9a-f]{20}', now 'edited'"):
+            _run(setup, Counted(setup).model, directory=tmp_path)
     result = _run(setup, Counted(setup).model, other, directory=tmp_path, restart=True)
     assert len(result.losses) == 8
     assert json.loads((tmp_path / STATE_JSON).read_text())["step"] == 8
@@ -165,7 +172,7 @@ def test_the_deadline_stops_with_the_state_saved(setup: dict[str, Any], tmp_path
     with pytest.raises(TrainingStopped) as stopped:  # past the deadline before the catalog encode
         _run(setup, Counted(setup).model, directory=tmp_path, deadline=time.monotonic())
     assert (stopped.value.reason, stopped.value.step, stopped.value.exit_code) == ("time", 0, 0)
-    assert stopped.value.stage.startswith("catalog encode (0/")
+    assert stopped.value.stage.startswith("catalog encode, 0/")
     assert not (tmp_path / STATE_JSON).exists()  # nothing trained yet: the catalog cache is the progress
     with pytest.raises(TrainingStopped):
         _run(setup, Counted(setup).model, directory=tmp_path, stop_after=1)
