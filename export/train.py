@@ -413,6 +413,7 @@ def train(
         from export.resume import discard_state
 
         discard_state(resume.directory)
+    loading = time.perf_counter()
     saved = load_state(resume.directory, setup) if resume is not None else None
     if not cfg.train_vision:
         for _, p in frozen:
@@ -455,6 +456,7 @@ def train(
             log.warning("the saved state was trained with %s torch threads, this run has %d: the resumed run "
                         "may differ from an uninterrupted one in the last float bits",
                         record.get("threads"), torch.get_num_threads())
+        log.info("loaded the training state of step %d in %.2f s", start, time.perf_counter() - loading)
         if progress:
             print(f"resuming the training at step {start}/{cfg.steps} from {resume.directory if resume else ''}",
                   flush=True)
