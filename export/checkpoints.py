@@ -395,7 +395,7 @@ DEMO_USERS = {"tiny": 3000, "small": 20000}
 
 def build_demo_checkpoint(
     out: Path, preset: str, seed: int = 0, num_items: int | None = None, semantic_ids: bool = False,
-    trained: bool = False, train_config: Any = None, progress: bool = False,
+    trained: bool = False, train_config: Any = None, progress: bool = False, resume: Any = None,
 ) -> Path:
     """A seeded UniMP-shaped checkpoint directory with a local tokenizer, a synthetic catalog and shop.
 
@@ -404,7 +404,10 @@ def build_demo_checkpoint(
     ``trained``: train the model on the shop's train split (``export.train``); otherwise the weights are
     the seeded random ones (flat logits). Either way the weights are written in the checkpoint directory
     layout and read back by ``load_checkpoint`` like a real release. ``train_config`` (an
-    ``export.train.TrainConfig``) defaults to the preset's (``export.train.PRESETS``).
+    ``export.train.TrainConfig``) defaults to the preset's (``export.train.PRESETS``). ``resume`` (an
+    ``export.resume.ResumeOptions``): cache the catalog encode and save / resume the training state (see
+    ``export.train.train``); a stopped training raises ``export.resume.TrainingStopped`` before any weights
+    are written.
     """
     if semantic_ids and trained:
         raise CheckpointError("the semantic-ID demo is untrained (the shop training spells atomic items)")
@@ -447,7 +450,8 @@ def build_demo_checkpoint(
         tc = replace(train_config or PRESETS[preset], seed=seed)
         examples = ShopExamples(records, full, vocab, tc.max_history)
         pixels = catalog_pixels(out / "catalog", records, cfg.vision.image_size)
-        result = train(model, examples, read_split(out / "shop", "train"), pixels, tc, progress=progress)
+        result = train(model, examples, read_split(out / "shop", "train"), pixels, tc, progress=progress,
+                       resume=resume)
         training = {"trained": True, "config": asdict(tc), "seconds": round(result.seconds, 1),
                     "first_loss": round(result.first_loss, 4), "last_loss": round(result.last_loss, 4)}
     v = cfg.vision

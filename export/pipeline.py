@@ -179,7 +179,8 @@ def _items_spec(out: Path, vocab: AddedVocab) -> ItemsSpec:
 def export_demo(
     preset: str, out: Path, seed: int = 0, progress: bool = True, with_diffusion: bool = True,
     semantic_ids: bool = False, with_vqgan: bool = False, trained: bool = False, train_steps: int | None = None,
-    kv_layout: str = "inplace", attention: str = "gqa",
+    kv_layout: str = "inplace", attention: str = "gqa", save_every: int | None = None,
+    train_max_minutes: float | None = None, restart: bool = False,
 ) -> Manifest:
     """Build the seeded demo checkpoint under ``out/checkpoint`` and export it into ``out``.
 
@@ -188,8 +189,15 @@ def export_demo(
     semantic-ID catalog (see export.semantic_ids; untrained only). ``with_vqgan``: with a seeded demo VQGAN.
     ``train_steps``: with ``trained``, this many optimizer steps instead of the preset's
     (``export.train.train_preset``). ``kv_layout``, ``attention``: see ``export_checkpoint``.
+
+    A trained demo caches its catalog encode and saves its training state under
+    ``out/checkpoint/.train-cache`` (``export.resume``) every ``save_every`` steps (default: the preset's,
+    ``export.train.SAVE_EVERY``), on SIGINT/SIGTERM and after ``train_max_minutes`` (counted from this
+    call), and a call on the same ``out`` resumes it; those stops raise ``export.resume.TrainingStopped``
+    with nothing exported. ``restart``: discard a saved training state first.
     """
     check_decoder_form(kv_layout, attention)
+    start = time.monotonic()
     out = Path(out)
     ckpt = out / "checkpoint"
     if progress:
@@ -200,8 +208,16 @@ def export_demo(
         from export.train import train_preset
 
         train_config = train_preset(preset, train_steps)
+    resume = None
+    if trained:
+        from export.resume import CACHE_DIR, ResumeOptions
+        from export.train import SAVE_EVERY
+
+        deadline = None if train_max_minutes is None else start + 60.0 * train_max_minutes
+        resume = ResumeOptions(ckpt / CACHE_DIR, SAVE_EVERY.get(preset, 0) if save_every is None else save_every,
+                               deadline=deadline, restart=restart)
     build_demo_checkpoint(ckpt, preset, seed=seed, semantic_ids=semantic_ids, trained=trained,
-                          train_config=train_config, progress=progress)
+                          train_config=train_config, progress=progress, resume=resume)
     diffusion_dir = None
     if with_diffusion:
         try:

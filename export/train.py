@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from tqdm import tqdm
 from export.catalog import CatalogRecord
 from export.modeling.config import CLIP_MEAN, CLIP_STD
 from export.modeling.model import UniMP
+from export.resume import ResumeOptions
 from export.shop import item_attributes, keywords
 from export.vocab import AddedVocab
 from runtime.prompts import (
@@ -91,6 +93,11 @@ PRESETS = {
 }
 """Training recipe per demo preset (``tiny``: 300 steps, 318 s measured on 2 busy cores; 200 steps lose the
 acceptance margins, and tag weight 3 measured better than 1 on every task but search: README "Evaluation")."""
+
+
+SAVE_EVERY = {"tiny": 0, "small": 10}
+"""Default ``--save-every`` per demo preset: ``small`` saves every 10 steps (2-6 minutes of training on 2
+cores); ``tiny`` (5 minutes in all) only when stopped and at the end."""
 
 
 def train_preset(preset: str, steps: int | None = None) -> TrainConfig:
@@ -358,6 +365,24 @@ def init_item_embeddings(model: UniMP, examples: ShopExamples) -> None:
                 embed_out[v.item_start + r.token] = embed_out[ids].mean(0)
 
 
+def _setup(model: UniMP, examples: ShopExamples, users: list[dict[str, Any]], cfg: TrainConfig,
+           media_key: str) -> dict[str, Any]:
+    """What a saved training state must match to be resumed: the recipe, the model config, the data and
+    tokenizer, the training code (export/train.py, export/modeling/) and the catalog-encode key (the thread
+    count is not part of it)."""
+    import hashlib
+    from dataclasses import asdict
+
+    data = hashlib.sha256(json.dumps([users, [asdict(r) for r in examples.records]], sort_keys=True).encode())
+    data.update(examples.tokenizer.to_str().encode())
+    code = hashlib.sha256()  # the training arithmetic: this module and the model's
+    for path in [Path(__file__), *sorted((Path(__file__).parent / "modeling").glob("*.py"))]:
+        code.update(path.name.encode() + path.read_bytes())
+    train_cfg = {k: v for k, v in asdict(cfg).items() if k != "threads"}
+    return {"train": json.loads(json.dumps(train_cfg)), "model": json.loads(json.dumps(model.cfg.to_dict())),
+            "data_sha256": data.hexdigest()[:20], "code_sha256": code.hexdigest()[:20], "media_key": media_key}
+
+
 def train(
     model: UniMP,
     examples: ShopExamples,
@@ -365,20 +390,34 @@ def train(
     pixels: torch.Tensor,
     cfg: TrainConfig,
     progress: bool = True,
+    resume: ResumeOptions | None = None,
 ) -> TrainResult:
-    """AdamW with linear warmup and cosine decay; returns the loss curve (per step)."""
+    """AdamW with linear warmup and cosine decay; returns the loss curve (per step).
+
+    ``resume``: cache the catalog encode and save the training state under ``resume.directory``
+    (``export.resume``), continue from a saved state, and stop early (``TrainingStopped``, state saved)
+    on the deadline, SIGINT/SIGTERM or ``resume.stop_after``."""
+    from export.resume import StopWatch, TrainingStopped, cached_media, load_state, media_key, save_state
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, 7])
     init_item_embeddings(model, examples)
     model.train()
-    media = None
+    frozen = [(n, p) for n, p in model.named_parameters() if n.startswith(("vision.", "perceiver."))]
+    key = "trained-vision" if cfg.train_vision else media_key(frozen, pixels)
+    setup = _setup(model, examples, users, cfg, key)
+    state_dir = resume.directory if resume is not None else None
+    if resume is not None and resume.restart:
+        from export.resume import discard_state
+
+        discard_state(resume.directory)
+    loading = time.perf_counter()
+    saved = load_state(resume.directory, setup) if resume is not None else None
     if not cfg.train_vision:
-        for p in list(model.vision.parameters()) + list(model.perceiver.parameters()):
+        for _, p in frozen:
             p.requires_grad_(False)
-        with torch.no_grad():
-            media = torch.cat([model.encode_images(pixels[i:i + 32]) for i in range(0, len(pixels), 32)])
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
     other = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
@@ -393,25 +432,98 @@ def train(
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     losses: list[float] = []
+    start, seconds_before = 0, 0.0
+    if saved is not None:
+        record, tensors = saved
+        trained = {n for n, _ in params}
+        missing = trained - set(tensors["model"])
+        if missing:
+            from export.resume import StateError
+
+            raise StateError(f"{resume.directory if resume else ''}: the saved state lacks {len(missing)} trained "
+                             f"tensors, e.g. {sorted(missing)[0]}; pass --restart to discard it")
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for n in trained:
+                named[n].copy_(tensors["model"][n])
+        opt.load_state_dict(tensors["optimizer"])
+        sched.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["torch_rng"])
+        rng.bit_generator.state = record["numpy_rng"]
+        losses = [float(x) for x in record["losses"]]
+        start, seconds_before = int(record["step"]), float(record.get("seconds", 0.0))
+        if record.get("threads") != torch.get_num_threads():
+            log.warning("the saved state was trained with %s torch threads, this run has %d: the resumed run "
+                        "may differ from an uninterrupted one in the last float bits",
+                        record.get("threads"), torch.get_num_threads())
+        log.info("loaded the training state of step %d in %.2f s", start, time.perf_counter() - loading)
+        if progress:
+            print(f"resuming the training at step {start}/{cfg.steps} from {resume.directory if resume else ''}",
+                  flush=True)
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress)
-    for step in bar:
-        # one task per batch: similar lengths and image counts pad less
-        task = int(rng.choice(len(TASKS), p=np.asarray(cfg.task_mix) / sum(cfg.task_mix)))
-        batch = [examples.sample(users, rng, cfg, task) for _ in range(cfg.batch_size)]
-        loss = batch_loss(model, batch, pixels, examples.vocab, cfg.gamma, cfg.slice_weight, media, cfg.tag_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if step % 10 == 0 or step == cfg.steps - 1:
-            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    seconds = time.perf_counter() - t0
+
+    def save(step: int) -> None:
+        if resume is None:
+            return
+        t = time.perf_counter()
+        state = {"model": {n: p.detach().clone() for n, p in params}, "optimizer": opt.state_dict(),
+                 "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state()}
+        info = {"numpy_rng": rng.bit_generator.state, "losses": losses, "threads": torch.get_num_threads(),
+                "seconds": round(seconds_before + time.perf_counter() - t0, 3)}
+        save_state(resume.directory, setup, step, state, info)
+        log.info("saved the training state at step %d in %.2f s", step, time.perf_counter() - t)
+
+    def stop(reason: str, stage: str, step: int, saving: bool = True) -> None:
+        assert resume is not None
+        if saving:
+            save(step)
+        raise TrainingStopped(reason, step, cfg.steps, resume.directory, stage)
+
+    watch = StopWatch(resume.deadline if resume is not None else None)
+    try:
+        with watch.armed() if resume is not None else contextlib.nullcontext(watch):
+            media = None
+            if not cfg.train_vision and start < cfg.steps:
+                # stopped here, nothing has changed since the saved state (if any): the cache is the progress
+                media = cached_media(model.encode_images, pixels, key, state_dir, watch if resume else None,
+                                     progress, lambda reason, stage: stop(reason, stage, start, saving=False))
+            bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=not progress)
+            if losses:
+                bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+            for step in range(start, cfg.steps):
+                # one task per batch: similar lengths and image counts pad less
+                task = int(rng.choice(len(TASKS), p=np.asarray(cfg.task_mix) / sum(cfg.task_mix)))
+                batch = [examples.sample(users, rng, cfg, task) for _ in range(cfg.batch_size)]
+                loss = batch_loss(model, batch, pixels, examples.vocab, cfg.gamma, cfg.slice_weight, media,
+                                  cfg.tag_weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                losses.append(float(loss.detach()))
+                bar.update()
+                if step % 10 == 0 or step == cfg.steps - 1:
+                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+                done = step + 1
+                if resume is None or done == cfg.steps:
+                    continue
+                if resume.stop_after is not None and done >= resume.stop_after:
+                    bar.close()
+                    stop("stop_after", "train", done)
+                if (reason := watch.reason()) is not None:
+                    bar.close()
+                    stop(reason, "train", done)
+                if resume.save_every and done % resume.save_every == 0:
+                    save(done)
+            bar.close()
+            if resume is not None and start < cfg.steps:
+                save(cfg.steps)  # a re-run (another export of the same training) skips the steps
+    finally:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(True)
+    seconds = seconds_before + time.perf_counter() - t0
     log.info("trained %d steps in %.1f s; loss %.3f -> %.3f", cfg.steps, seconds, losses[0], losses[-1])
     return TrainResult(cfg.steps, seconds, losses[0], float(np.mean(losses[-10:])), losses)
 

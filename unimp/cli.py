@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,9 +22,20 @@ def _export(args: argparse.Namespace) -> int:
         print(f"unimp export needs the export extra (pip install 'unimp-edge[export]'): {exc}", file=sys.stderr)
         return 2
     from export.checkpoints import CheckpointError
+    from export.resume import TrainingStopped
 
-    if args.train_steps is not None and (not args.demo or args.untrained or args.semantic_ids):
-        print("error: --train-steps: only with --demo (trained: not --untrained or --semantic-ids)", file=sys.stderr)
+    trained_only = [("--train-steps", args.train_steps is not None), ("--save-every", args.save_every is not None),
+                    ("--train-max-minutes", args.train_max_minutes is not None), ("--restart", args.restart)]
+    for flag, given in trained_only:
+        if given and (not args.demo or args.untrained or args.semantic_ids):
+            print(f"error: {flag}: only with --demo (trained: not --untrained or --semantic-ids)", file=sys.stderr)
+            return 2
+    if args.save_every is not None and args.save_every < 0:
+        print(f"error: --save-every: must be >= 0 (0: only when stopped and at the end), got {args.save_every}",
+              file=sys.stderr)
+        return 2
+    if args.train_max_minutes is not None and not args.train_max_minutes > 0:
+        print(f"error: --train-max-minutes: must be > 0, got {args.train_max_minutes}", file=sys.stderr)
         return 2
     if args.train_steps is not None and args.train_steps < 1:
         print(f"error: --train-steps: must be >= 1, got {args.train_steps}", file=sys.stderr)
@@ -38,11 +50,21 @@ def _export(args: argparse.Namespace) -> int:
                                    with_diffusion=not args.no_diffusion, semantic_ids=args.semantic_ids,
                                    with_vqgan=not args.no_vqgan, trained=not (args.untrained or args.semantic_ids),
                                    train_steps=args.train_steps, kv_layout=args.kv_layout,
-                                   attention=args.attention)
+                                   attention=args.attention, save_every=args.save_every,
+                                   train_max_minutes=args.train_max_minutes, restart=args.restart)
         else:
             manifest = export_checkpoint(args.checkpoint, args.out, progress=not args.quiet,
                                          diffusion=args.diffusion, vqgan=args.vqgan, kv_layout=args.kv_layout,
                                          attention=args.attention)
+    except TrainingStopped as stopped:
+        why = {"time": f"after --train-max-minutes {args.train_max_minutes:g}" if args.train_max_minutes else "",
+               "stop_after": "on request"}.get(stopped.reason, f"on {stopped.reason}")
+        again = [a for a in (args.argv or []) if a != "--restart"]
+        where = f"{stopped.stage}, step" if stopped.stage != "train" else "step"
+        print(f"training stopped {why} ({where} {stopped.step}/{stopped.steps}); the progress is saved "
+              f"in {stopped.state_dir}. Run the same command again to continue"
+              + (f": unimp {' '.join(shlex.quote(a) for a in again)}" if again else ""), file=sys.stderr)
+        return stopped.exit_code
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -281,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --demo: keep the seeded random weights instead of training on the synthetic shop")
     p.add_argument("--train-steps", type=int, default=None, metavar="N",
                    help="with --demo (trained): N optimizer steps instead of the preset's (tiny 300, small 300)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="with --demo (trained): save the training state in OUT/checkpoint/.train-cache every N "
+                        "steps (default: small 10, tiny 0 = only when stopped and at the end); it is also saved on "
+                        "SIGINT/SIGTERM, and running the same command again on OUT resumes it")
+    p.add_argument("--train-max-minutes", type=float, default=None, metavar="M",
+                   help="with --demo (trained): stop after M minutes (catalog encode and training, counted from "
+                        "the start) with the state saved and exit 0; run the same command again to continue")
+    p.add_argument("--restart", action="store_true",
+                   help="with --demo (trained): discard a saved training state in OUT and train from the start "
+                        "(the keyed catalog-encode cache is kept)")
     p.add_argument("--kv-layout", choices=["inplace", "concat"], default="inplace",
                    help="decoder KV cache form: inplace (a static buffer written in place, attention per "
                         "--attention; onnxruntime CPU/CUDA, TensorRT >= 10.15 with --attention onnx) or concat (present = Concat(past, new), for TensorRT 10.3 / "
@@ -421,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
