@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import statistics
@@ -28,8 +29,13 @@ import numpy as np
 
 from benchmarks.context import BenchContext
 
+log = logging.getLogger(__name__)
+
 MiB = 1 << 20
 TEXT_GRAPHS = ("decoder", "media_kv", "vision")
+# decode time of a quantized decoder over the fp32 one, batch 1, after the in-place KV pool
+DECODE_TARGETS = {"int8": 0.35, "int4": 0.30}
+PROFILE_STEPS = 8
 
 
 def parse_variants(values: list[str] | None) -> dict[str, Path]:
@@ -204,7 +210,62 @@ def run(ctx: BenchContext) -> dict[str, Any]:
     base = next(iter(out["variants"].values()))
     for r in out["variants"].values():
         r["decode_vs_first"] = r["decode_s_per_token"] / base["decode_s_per_token"]
+    out["targets"] = _targets(out, variants, prompt_len)
     return out
+
+
+def _profile(artifacts: Path, prompt_len: int, threads: int) -> dict[str, Any]:
+    """The decode-step profile of one variant's decoder (benchmarks.floor.profile_decode)."""
+    from benchmarks.floor import profile_decode
+    from runtime.backends import BackendConfig, open_session
+    from runtime.manifest import load_manifest
+
+    m = load_manifest(artifacts, verify=False)
+    media_kv = open_session(artifacts / m.graphs["media_kv"].file, BackendConfig(intra_op_threads=threads))
+    return profile_decode(artifacts / m.graphs["decoder"].file, m.decoder.kv_layout, m, prompt_len, PROFILE_STEPS,
+                          media_kv, threads, prompt_len + PROFILE_STEPS + 2)
+
+
+def _ops(profile: dict[str, Any]) -> str:
+    return ", ".join(f"{o['op']} {o['share']:.0%}" for o in profile["top_ops"][:4])
+
+
+def _targets(out: dict[str, Any], variants: dict[str, Path], prompt_len: int) -> list[dict[str, Any]]:
+    """One target per int8 / int4 variant: decode time vs the first (fp32) variant and a passing guard."""
+    labels = list(out["variants"])
+    base_label = labels[0]
+    base = out["variants"][base_label]
+    if base["precisions"]["decoder"] != "fp32":
+        return []
+    base_profile: dict[str, Any] | None = None
+    targets = []
+    for label in labels[1:]:
+        v = out["variants"][label]
+        precision = v["precisions"]["decoder"]
+        if precision not in DECODE_TARGETS:
+            continue
+        target = DECODE_TARGETS[precision]
+        guard = v.get("guard") or {}
+        fast = v["decode_vs_first"] <= target
+        guarded = bool(guard.get("run") and guard.get("passed"))
+        note = (f"{1e3 * v['decode_s_per_token']:.2f} vs {1e3 * base['decode_s_per_token']:.2f} ms/token; weights "
+                f"{v['weight_bytes_per_token'] / 1e6:.1f} vs {base['weight_bytes_per_token'] / 1e6:.1f} MB/token, "
+                f"floor {1e3 * v['floor_s']:.2f} ms (measured {v['floor_ratio']:.2f}x it); guard: "
+                + ("not run" if not guard.get("run") else "passed" if guarded
+                   else "FAILED (" + ", ".join(guard.get("failed_tasks") or []) + ")"))
+        if not fast:
+            log.info("precision: %s misses %.2fx; profiling %d decode steps of it and of %s", label, target,
+                     PROFILE_STEPS, base_label)
+            if base_profile is None:
+                base_profile = _profile(variants[base_label], prompt_len, out["threads"])
+                base["profile"] = base_profile
+            v["profile"] = _profile(variants[label], prompt_len, out["threads"])
+            note += (f"; profiled kernel time by op: {label} {_ops(v['profile'])}; {base_label} "
+                     f"{_ops(base_profile)} (onnxruntime outside kernels {1e3 * v['profile']['ort_overhead_s']:.2f}"
+                     f" vs {1e3 * base_profile['ort_overhead_s']:.2f} ms per profiled step)")
+        targets.append({"name": f"`{label}` ({precision}) decode <= {target}x `{base_label}`, guard passed",
+                        "value": v["decode_vs_first"], "target": target, "met": fast and guarded, "note": note})
+    return targets
 
 
 def _guard_cell(g: dict[str, Any] | None) -> str:

@@ -58,6 +58,18 @@ def test_precision_section_measures_every_variant(variants: dict[str, Path], tmp
     assert fp32["guard"] is None
     assert int4["guard"]["run"] is True and int4["guard"]["passed"] is False
     assert int4["guard"]["failed_tasks"] == ["recommend"] and int4["guard"]["tasks"]["rating"] is True
+    # one target per int8/int4 variant against fp32; a failing guard misses it whatever the speed, and a
+    # missed speed ratio carries both decoders' op profiles
+    (target,) = section["targets"]
+    assert target["name"].startswith("`int4` (int4) decode <= 0.3x `fp32`") and target["target"] == 0.30
+    assert target["value"] == pytest.approx(int4["decode_vs_first"]) and target["met"] is False
+    assert "guard: FAILED (recommend)" in target["note"]
+    if int4["decode_vs_first"] > 0.30:
+        for v in (fp32, int4):
+            assert v["profile"]["steps"] == 8 and v["profile"]["top_ops"], v["profile"]
+            assert abs(sum(o["share"] for o in v["profile"]["top_ops"]) - 1.0) < 0.5
+        assert "profiled kernel time by op: int4 " in target["note"] and "; fp32 " in target["note"]
+    assert any(t["section"] == "precision" for t in results["targets"])
     md = (out / "results.md").read_text()
     assert "## Precision variants" in md and "| `int4` | int4 |" in md and "FAILED (recommend)" in md
 
