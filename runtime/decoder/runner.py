@@ -138,10 +138,8 @@ class DecoderRunner:
         logits, new_keys, new_values = self._run(feeds)
         return self.split(states, length, logits, mask, new_keys, new_values)
 
-    def step_feeds(self, states: list[RowState], tokens: list[np.ndarray], *,
-                   past: bool = True) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """A decode step's host feeds over ``states`` left-padded to the longest, and its (B, L+1) mask.
-        ``past=False`` leaves out ``past_*`` (bound elsewhere, e.g. device buffers)."""
+    def step_feeds(self, states: list[RowState], tokens: list[np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """A decode step's host feeds over ``states`` left-padded to the longest, and its (B, L+1) mask."""
         length = max(s.length for s in states)
         past_mask = _batched([left_pad(s.mask, length, 1) for s in states])
         b = past_mask.shape[0]
@@ -153,11 +151,8 @@ class DecoderRunner:
             (_batched([s.memory[j][0] for s in states]), _batched([s.memory[j][1] for s in states]))
             for j in range(self.blocks)
         ]
-        if past:
-            keys = [_batched([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
-            values = [_batched([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
-        else:
-            keys, values = [], []
+        keys = [_batched([left_pad(s.keys[i], length, 2) for s in states]) for i in range(self.layers)]
+        values = [_batched([left_pad(s.values[i], length, 2) for s in states]) for i in range(self.layers)]
         return self._feeds(ids, positions, mask, text_time, keys, values, memory), mask
 
     def split(self, states: list[RowState], length: int, logits: np.ndarray, mask: np.ndarray,

@@ -7,6 +7,7 @@ left-padded batches) and ``onnx`` (the ``inplace`` layout in standard ops, Tenso
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,21 @@ def explain(rt: Runtime, req: PreferenceRequest) -> tuple[str, PreferenceResult]
     final = events[-1]
     assert isinstance(final, PreferenceResult)
     return "".join(e.text for e in events[:-1] if isinstance(e, TextPiece)), final
+
+
+def explain_concurrently(rt: Runtime, reqs: list[PreferenceRequest]) -> list[str | None]:
+    """Each request's explanation text, all of them streamed at once from their own threads."""
+    results: list[str | None] = [None] * len(reqs)
+
+    def run(i: int) -> None:
+        results[i] = explain(rt, reqs[i])[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return results
 
 
 def target(k: int) -> HistoryItem:

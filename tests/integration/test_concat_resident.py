@@ -5,7 +5,6 @@ the decoder bound to the same two buffer sets in turn."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,15 @@ from runtime.decoder.core import ConcatCore, PrefillInput
 from runtime.engine import Runtime
 from runtime.prompts import encode, preference_prompt
 from runtime.types import BeamOptions, DecodeMode, PreferenceRequest, RecommendRequest, SamplingOptions
-from tests.integration.layouts import HISTORY, RATED, explain, make_resident, open_runtime, target
+from tests.integration.layouts import (
+    HISTORY,
+    RATED,
+    explain,
+    explain_concurrently,
+    make_resident,
+    open_runtime,
+    target,
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,16 +104,7 @@ def test_concurrent_streams_match_one_at_a_time(inplace: Runtime, resident: Runt
     alone = [explain(resident, r)[0] for r in reqs]
     assert alone == [explain(inplace, r)[0] for r in reqs]
     before = resident.stats()
-    results: list[str | None] = [None] * len(reqs)
-
-    def run(i: int) -> None:
-        results[i] = explain(resident, reqs[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    results = explain_concurrently(resident, reqs)
     after = resident.stats()
     assert results == alone
     assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]

@@ -11,7 +11,6 @@ are in ``test_onnx_attention.py``.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,15 @@ from runtime.engine import Runtime
 from runtime.prompts import encode, preference_prompt
 from runtime.server.metrics import ServerMetrics
 from runtime.types import BeamOptions, DecodeMode, PreferenceRequest, RecommendRequest, SamplingOptions
-from tests.integration.layouts import HISTORY, RATED, FormRuntimes, explain, open_runtime, target
+from tests.integration.layouts import (
+    HISTORY,
+    RATED,
+    FormRuntimes,
+    explain,
+    explain_concurrently,
+    open_runtime,
+    target,
+)
 
 OTHERS = ("concat", "onnx")
 """The forms checked against the ``inplace`` reference."""
@@ -153,16 +160,7 @@ def test_concurrent_streams_copy_nothing_per_step(inplace: Runtime, form: Runtim
     pool = rt.decoder.pool if rt.decoder.kv_layout == "inplace" else None  # type: ignore[attr-defined]
     addresses = [b.bind(0, 1).address for b in (*pool.keys, *pool.values)] if pool is not None else []
     before = rt.stats()
-    results: list[str | None] = [None] * len(reqs)
-
-    def run(i: int) -> None:
-        results[i] = explain(rt, reqs[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    results = explain_concurrently(rt, reqs)
     after = rt.stats()
     assert results == alone  # batched (joining late, leaving early) == one at a time
     assert after["decode_rows"] - before["decode_rows"] > after["decode_steps"] - before["decode_steps"]
