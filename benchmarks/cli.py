@@ -69,6 +69,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision section: the artifacts directories to compare, e.g. fp32=ART int8=DIR "
                              "int4=DIR (`unimp quantize` outputs; the first is the reference of the ratios; "
                              "default: --artifacts alone)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="precision section: measure the variants this many times, interleaved (fp32, int8, "
+                             "int4, fp32, ...), and report each ratio as the median of the rounds' ratios "
+                             "(default 3, 1 with --quick)")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads for ONNX Runtime and torch, equal on both sides (default 2)")
     parser.add_argument("--update-readme", action="store_true",
@@ -171,6 +175,8 @@ def _command(args: argparse.Namespace, order: list[str], artifacts: Path, out: P
              "--sections", ",".join(order), "--repeats", str(repeats), "--threads", str(args.threads)]
     if args.quick:
         parts.append("--quick")
+    if getattr(args, "rounds", None):
+        parts += ["--rounds", str(args.rounds)]
     if getattr(args, "variants", None):
         parts += ["--variants", *args.variants]
     return " ".join(shlex.quote(p) for p in parts)
@@ -221,6 +227,9 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print("error: --threads must be >= 1", file=sys.stderr)
         return 2
+    if getattr(args, "rounds", None) is not None and args.rounds < 1:
+        print("error: --rounds must be >= 1", file=sys.stderr)
+        return 2
     order = [s for s in SECTIONS if s in names]
     try:
         from benchmarks.precision import parse_variants
@@ -246,7 +255,7 @@ def run_bench(args: argparse.Namespace) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     ctx = BenchContext(artifacts=artifacts, checkpoint=_checkpoint(artifacts, manifest), out=out, repeats=repeats,
                        quick=bool(args.quick), threads=int(args.threads),
-                       extra={"preset": preset, "variants": variants})
+                       extra={"preset": preset, "variants": variants, "rounds": getattr(args, "rounds", None)})
     out.mkdir(parents=True, exist_ok=True)
 
     started = datetime.now(timezone.utc)

@@ -17,8 +17,10 @@ copied out. The CUDA paths are written against the ONNX Runtime 1.18+ Python API
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +150,42 @@ def require_provider(config: BackendConfig) -> DeviceFacts | None:
     return facts
 
 
+def optimized_cache_path(path: Path, config: BackendConfig, graph: GraphEntry | None) -> Path:
+    """Where onnxruntime's optimised form of ``path`` is cached (cpu provider).
+
+    Named by what the graph is, never by its file name alone: its manifest sha256 when ``graph`` is given
+    (the runtime verifies it on load), otherwise the file's identity (device, inode, size, mtime in ns).
+    A graph replaced in place, or an artifacts directory copied with ``cp -al`` and given another graph,
+    therefore never loads the optimised form of a different graph."""
+    cache_dir = config.optimized_cache_dir or path.parent / ".ort-cache"
+    if graph is not None and graph.sha256:
+        key = graph.sha256[:16]
+    else:
+        st = path.stat()
+        key = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir / f"{path.stem}.{key}.{config.provider}.{config.graph_optimization}.onnx"
+
+
+def _publish_optimized(partial: Path, cached: Path, path: Path, config: BackendConfig) -> None:
+    """Move a freshly written optimised graph into place (``os.replace``: a new file, so a cache file that
+    another directory hard-links is never overwritten) and, in a graph's own ``.ort-cache/``, drop the
+    optimised forms of its earlier versions."""
+    try:
+        os.replace(partial, cached)
+    except OSError:
+        log.info("could not publish the optimised graph %s", cached, exc_info=True)
+        partial.unlink(missing_ok=True)
+        return
+    if config.optimized_cache_dir is not None:  # a shared directory: other graphs' entries are not ours
+        return
+    suffix = f".{config.provider}.{config.graph_optimization}.onnx"
+    legacy = cached.parent / f"{path.stem}{suffix}"  # unkeyed, from before the key
+    for old in [legacy, *cached.parent.glob(f"{path.stem}.*{suffix}")]:
+        key = old.name[len(path.stem) + 1:-len(suffix)]
+        if old != cached and (old == legacy or (len(key) == 16 and "." not in key)):
+            old.unlink(missing_ok=True)
+
+
 @dataclass
 class _Graph:
     """One captured decode window: its binding, its id, and the device buffers every run goes through."""
@@ -193,20 +231,27 @@ class OrtSession:
         if config.profile_prefix:
             options.enable_profiling = True
             options.profile_file_prefix = config.profile_prefix
-        cache_dir = config.optimized_cache_dir or path.parent / ".ort-cache"
-        cached = cache_dir / f"{path.stem}.{config.provider}.{config.graph_optimization}.onnx"
         source = path
+        cached = partial = None
         if config.graph_optimization != "disable" and config.provider == "cpu":
-            if cached.is_file() and cached.stat().st_mtime >= path.stat().st_mtime:
+            cached = optimized_cache_path(path, config, graph)
+            if cached.is_file():
                 source = cached
                 options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             else:
                 try:
-                    cache_dir.mkdir(parents=True, exist_ok=True)
-                    options.optimized_model_filepath = str(cached)
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    # written under a private name, published when complete (a reader never sees half a file)
+                    partial = cached.with_name(f".{cached.stem}.partial-{os.getpid()}-{threading.get_ident()}.onnx")
+                    options.optimized_model_filepath = str(partial)
                 except OSError:
-                    log.info("optimised-model cache %s is not writable; optimising in memory", cache_dir)
+                    log.info("optimised-model cache %s is not writable; optimising in memory", cached.parent)
         self._session = self._create(str(source), options, providers)
+        if partial is not None and cached is not None:
+            if partial.is_file():
+                _publish_optimized(partial, cached, path, config)
+            else:
+                log.info("onnxruntime wrote no optimised graph for %s", path.name)
         used = list(self._session.get_providers())
         if not used or used[0] != wanted[0]:
             raise Unavailable(

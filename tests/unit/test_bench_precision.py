@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cli
-from benchmarks.precision import guard_numbers, parse_variants
+from benchmarks.precision import combine_rounds, guard_numbers, parse_variants
 from export.quantize import QuantizeConfig, quantize_artifacts, record_guard
 
 
@@ -35,13 +35,21 @@ def variants(tiny_concat_artifacts: Path, tmp_path_factory: pytest.TempPathFacto
 def test_precision_section_measures_every_variant(variants: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bench"
     rc = cli.run_bench(_args("--preset", "tiny", "--quick", "--repeats", "1", "--sections", "precision",
-                             "--artifacts", str(variants["fp32"]), "--out", str(out),
+                             "--rounds", "2", "--artifacts", str(variants["fp32"]), "--out", str(out),
                              "--variants", f"fp32={variants['fp32']}", f"int4={variants['int4']}"))
     assert rc == 0
     results = json.loads((out / "results.json").read_text())
-    assert f"--variants fp32={variants['fp32']} int4={variants['int4']}" in results["command"]
+    assert f"--rounds 2 --variants fp32={variants['fp32']} int4={variants['int4']}" in results["command"]
     section = results["sections"]["precision"]
     assert list(section["variants"]) == ["fp32", "int4"]
+    # two interleaved rounds: each variant measured twice, each ratio taken within one round
+    assert section["rounds"] == 2
+    fp32_rounds, int4_rounds = (section["variants"][k]["decode_rounds_s"] for k in ("fp32", "int4"))
+    assert len(fp32_rounds) == len(int4_rounds) == 2
+    ratios = [a / b for a, b in zip(int4_rounds, fp32_rounds, strict=True)]
+    assert section["variants"]["int4"]["decode_vs_first_rounds"] == pytest.approx(ratios, rel=1e-12)
+    assert section["variants"]["int4"]["decode_vs_first"] == pytest.approx(sum(ratios) / 2, rel=1e-12)
+    assert section["variants"]["fp32"]["decode_vs_first_rounds"] == [1.0, 1.0]
     assert section["bandwidth"]["gb_s"] > 0
     fp32, int4 = section["variants"]["fp32"], section["variants"]["int4"]
     for v in (fp32, int4):
@@ -64,6 +72,7 @@ def test_precision_section_measures_every_variant(variants: dict[str, Path], tmp
     assert target["name"].startswith("`int4` (int4) decode <= 0.3x `fp32`") and target["target"] == 0.30
     assert target["value"] == pytest.approx(int4["decode_vs_first"]) and target["met"] is False
     assert "guard: FAILED (recommend)" in target["note"]
+    assert target["note"].startswith("median of 2 interleaved rounds, range ")
     if int4["decode_vs_first"] > 0.30:
         for v in (fp32, int4):
             assert v["profile"]["steps"] == 8 and v["profile"]["top_ops"], v["profile"]
@@ -90,3 +99,24 @@ def test_bad_variants_are_refused(variants: dict[str, Path], tmp_path: Path, cap
     rc = cli.run_bench(_args("--sections", "precision", "--artifacts", str(variants["fp32"]), "--out",
                              str(tmp_path / "b"), "--variants", f"x={tmp_path}"))
     assert rc == 2 and capsys.readouterr().err.startswith("error: --variants: x=")
+
+
+def test_rounds_combine_to_medians_and_the_last_rounds_memory() -> None:
+    def record(decode: float, peak: int, prefill: float) -> dict[str, object]:
+        return {"decoder_precision": "int8", "kv_layout": "inplace", "load_s": 1.0, "vision_s_per_image": decode,
+                "prefill_s": prefill, "decode_s_per_token": decode, "decode_min_s_per_token": decode / 2,
+                "rss_start_bytes": peak // 4, "rss_bytes": peak // 2, "peak_rss_bytes": peak}
+
+    combined = combine_rounds([record(0.030, 100, 0.5), record(0.010, 300, 0.4), record(0.020, 200, 1.0)], 64)
+    assert combined["decode_rounds_s"] == [0.030, 0.010, 0.020]
+    assert combined["decode_s_per_token"] == 0.020 and combined["decode_min_s_per_token"] == 0.005
+    assert combined["prefill_s"] == 0.5 and combined["prefill_tokens_per_s"] == pytest.approx(128.0)
+    # the memory numbers come from one process, the last (its optimised graphs read from the cache)
+    assert (combined["rss_start_bytes"], combined["rss_bytes"], combined["peak_rss_bytes"]) == (50, 100, 200)
+
+
+def test_rounds_below_one_are_refused(variants: dict[str, Path], tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.run_bench(_args("--sections", "precision", "--rounds", "0", "--artifacts", str(variants["fp32"]),
+                             "--out", str(tmp_path / "b")))
+    assert rc == 2 and "--rounds must be >= 1" in capsys.readouterr().err
