@@ -73,6 +73,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="precision section: measure the variants this many times, interleaved (fp32, int8, "
                              "int4, fp32, ...), and report each ratio as the median of the rounds' ratios "
                              "(default 3, 1 with --quick)")
+    parser.add_argument("--hugepages", action="store_true",
+                        help="precision section: also measure every variant with glibc's malloc on transparent "
+                             "huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; glibc >= 2.35, THP mode madvise "
+                             "or always) as LABEL+hp, against the first variant's +hp run")
     parser.add_argument("--threads", type=int, default=2,
                         help="intra-op threads for ONNX Runtime and torch, equal on both sides (default 2)")
     parser.add_argument("--update-readme", action="store_true",
@@ -177,6 +181,8 @@ def _command(args: argparse.Namespace, order: list[str], artifacts: Path, out: P
         parts.append("--quick")
     if getattr(args, "rounds", None):
         parts += ["--rounds", str(args.rounds)]
+    if getattr(args, "hugepages", False):
+        parts.append("--hugepages")
     if getattr(args, "variants", None):
         parts += ["--variants", *args.variants]
     return " ".join(shlex.quote(p) for p in parts)
@@ -255,7 +261,8 @@ def run_bench(args: argparse.Namespace) -> int:
     repeats = args.repeats or (2 if args.quick else 5)
     ctx = BenchContext(artifacts=artifacts, checkpoint=_checkpoint(artifacts, manifest), out=out, repeats=repeats,
                        quick=bool(args.quick), threads=int(args.threads),
-                       extra={"preset": preset, "variants": variants, "rounds": getattr(args, "rounds", None)})
+                       extra={"preset": preset, "variants": variants, "rounds": getattr(args, "rounds", None),
+                              "hugepages": bool(getattr(args, "hugepages", False))})
     out.mkdir(parents=True, exist_ok=True)
 
     started = datetime.now(timezone.utc)

@@ -14,6 +14,12 @@ The variants are measured in ``rounds`` interleaved passes (fp32, int8, int4, fp
 decode step is bound by memory bandwidth and a quantized one by compute, so a neighbour's load on a shared
 machine moves the two apart; each round's ratio compares measurements taken seconds apart, and the reported
 ratio is the median of the rounds' ratios (with their range).
+
+With ``hugepages`` every variant is also measured with glibc's malloc on transparent huge pages
+(``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, read by glibc >= 2.35 at process start; the kernel's THP mode must
+be ``madvise`` or ``always``) as ``LABEL+hp``, in the same rounds, and compared with the first variant's
+``+hp`` run: a decode step streams every weight once, and 2 MiB pages save most of its TLB misses. Each
+child reports its ``AnonHugePages``, so a machine where the setting takes no effect shows 0.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ TEXT_GRAPHS = ("decoder", "media_kv", "vision")
 # decode time of a quantized decoder over the fp32 one, batch 1, after the in-place KV pool
 DECODE_TARGETS = {"int8": 0.35, "int4": 0.30}
 PROFILE_STEPS = 8
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+HP_SUFFIX = "+hp"
 
 
 def parse_variants(values: list[str] | None) -> dict[str, Path]:
@@ -94,6 +102,49 @@ def _status_bytes(key: str) -> int:
 
 def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
+
+
+def _anon_huge_bytes() -> int:
+    """Anonymous memory of this process on transparent huge pages (``/proc/self/smaps_rollup``), 0 off Linux."""
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("AnonHugePages:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def hugepage_facts() -> dict[str, str]:
+    """The kernel's transparent-huge-page mode and the C library, which decide whether the tunable acts."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = "unknown"
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or "unknown"
+    except (AttributeError, ValueError, OSError):
+        libc = "unknown"
+    return {"transparent_hugepage": mode, "libc": libc, "tunable": f"GLIBC_TUNABLES={HUGEPAGES_TUNABLE}"}
+
+
+def child_env(hugepages: bool | None) -> dict[str, str]:
+    """The environment of a measuring child: unchanged (None), or with glibc's huge-page tunable set (True) or
+    removed (False), the other tunables kept."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if hugepages is None:
+        return env
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+    tunables = [*kept, HUGEPAGES_TUNABLE] if hugepages else kept
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
 
 
 def measure_variant(artifacts: Path, threads: int, prompt_len: int, steps: int, warmup: int,
@@ -151,13 +202,13 @@ def measure_variant(artifacts: Path, threads: int, prompt_len: int, steps: int, 
         "rss_start_bytes": rss_start,
         "rss_bytes": _rss_bytes(),
         "peak_rss_bytes": _status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "anon_huge_bytes": _anon_huge_bytes(),
     }
 
 
-def _child(artifacts: Path, threads: int, prompt_len: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+def _child(artifacts: Path, threads: int, prompt_len: int, steps: int, warmup: int, repeats: int,
+           hugepages: bool | None = None) -> dict[str, Any]:
+    env = child_env(hugepages)
     cmd = [sys.executable, "-m", "benchmarks.precision", str(artifacts), "--threads", str(threads),
            "--prompt", str(prompt_len), "--steps", str(steps), "--warmup", str(warmup), "--repeats", str(repeats)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -197,12 +248,21 @@ def run(ctx: BenchContext) -> dict[str, Any]:
                            "context_tokens": context, "threads": ctx.threads, "variants": {}}
     rounds = max(1, int(ctx.extra.get("rounds") or (1 if ctx.quick else 3)))
     out["rounds"] = rounds
-    measured: dict[str, list[dict[str, Any]]] = {label: [] for label in variants}
-    for i in range(rounds):
+    # label -> (directory, huge pages: None leaves the environment as it is, True / False set / unset them)
+    runs: dict[str, tuple[Path, bool | None]] = {label: (path, None) for label, path in variants.items()}
+    first = next(iter(variants))
+    if ctx.extra.get("hugepages"):
+        out["hugepages"] = hugepage_facts()
+        runs = {}
         for label, path in variants.items():
+            runs[label] = (path, False)
+            runs[label + HP_SUFFIX] = (path, True)
+    measured: dict[str, list[dict[str, Any]]] = {label: [] for label in runs}
+    for i in range(rounds):
+        for label, (path, hugepages) in runs.items():
             log.info("precision: round %d/%d, %s (%s)", i + 1, rounds, label, path)
-            measured[label].append(_child(path, ctx.threads, prompt_len, steps, warmup, ctx.repeats))
-    for label, path in variants.items():
+            measured[label].append(_child(path, ctx.threads, prompt_len, steps, warmup, ctx.repeats, hugepages))
+    for label, (path, hugepages) in runs.items():
         manifest = load_manifest(path, verify=False)
         d = manifest.decoder
         kv_itemsize = 2 if manifest.kv_dtype == "float16" else 4
@@ -218,14 +278,21 @@ def run(ctx: BenchContext) -> dict[str, Any]:
         r.update(combine_rounds(measured[label], prompt_len))
         r["floor_ratio"] = r["decode_s_per_token"] / r["floor_s"]
         r["guard"] = guard_numbers(path)
+        r["hugepages"] = hugepages
+        # the reference of its ratios: the first variant, measured the same way (+hp against the first's +hp)
+        r["reference"] = first + HP_SUFFIX if hugepages else first
         out["variants"][label] = r
-    base = next(iter(out["variants"].values()))
-    for r in out["variants"].values():
-        # round i's ratio: this variant's decode time over the first variant's, measured in the same pass
+    for label, r in out["variants"].items():
+        base = out["variants"][r["reference"]]
+        # round i's ratio: this variant's decode time over its reference's, measured in the same pass
         ratios = [v / b for v, b in zip(r["decode_rounds_s"], base["decode_rounds_s"], strict=True)]
         r["decode_vs_first_rounds"] = ratios
         r["decode_vs_first"] = float(statistics.median(ratios))
-    out["targets"] = _targets(out, variants, prompt_len)
+        if r["hugepages"]:  # the same directory with the tunable over without it, per round
+            plain = out["variants"][label.removesuffix(HP_SUFFIX)]["decode_rounds_s"]
+            r["decode_vs_plain_rounds"] = [v / b for v, b in zip(r["decode_rounds_s"], plain, strict=True)]
+            r["decode_vs_plain"] = float(statistics.median(r["decode_vs_plain_rounds"]))
+    out["targets"] = _targets(out, {label: path for label, (path, _) in runs.items()}, prompt_len)
     return out
 
 
@@ -248,6 +315,7 @@ def combine_rounds(records: list[dict[str, Any]], prompt_len: int) -> dict[str, 
         "rss_start_bytes": last["rss_start_bytes"],
         "rss_bytes": last["rss_bytes"],
         "peak_rss_bytes": last["peak_rss_bytes"],
+        "anon_huge_bytes": last.get("anon_huge_bytes", 0),
     }
 
 
@@ -268,18 +336,23 @@ def _ops(profile: dict[str, Any]) -> str:
 
 
 def _targets(out: dict[str, Any], variants: dict[str, Path], prompt_len: int) -> list[dict[str, Any]]:
-    """One target per int8 / int4 variant: decode time vs the first (fp32) variant and a passing guard."""
-    labels = list(out["variants"])
-    base_label = labels[0]
-    base = out["variants"][base_label]
-    if base["precisions"]["decoder"] != "fp32":
-        return []
-    base_profile: dict[str, Any] | None = None
+    """One target per int8 / int4 variant: decode time vs its fp32 reference (the first variant, or the first's
+    ``+hp`` run) and a passing guard. A missed ratio is explained by onnxruntime profiles of both decoders,
+    taken in this process (one per directory: a ``+hp`` run shares its directory's profile)."""
+    profiles: dict[Path, dict[str, Any]] = {}
+
+    def profile(label: str) -> dict[str, Any]:
+        path = variants[label]
+        if path not in profiles:
+            profiles[path] = _profile(path, prompt_len, out["threads"])
+        return profiles[path]
+
     targets = []
-    for label in labels[1:]:
-        v = out["variants"][label]
+    for label, v in out["variants"].items():
+        base_label = v["reference"]
+        base = out["variants"][base_label]
         precision = v["precisions"]["decoder"]
-        if precision not in DECODE_TARGETS:
+        if label == base_label or base["precisions"]["decoder"] != "fp32" or precision not in DECODE_TARGETS:
             continue
         target = DECODE_TARGETS[precision]
         guard = v.get("guard") or {}
@@ -297,13 +370,10 @@ def _targets(out: dict[str, Any], variants: dict[str, Path], prompt_len: int) ->
         if not fast:
             log.info("precision: %s misses %.2fx; profiling %d decode steps of it and of %s", label, target,
                      PROFILE_STEPS, base_label)
-            if base_profile is None:
-                base_profile = _profile(variants[base_label], prompt_len, out["threads"])
-                base["profile"] = base_profile
-            v["profile"] = _profile(variants[label], prompt_len, out["threads"])
+            base["profile"], v["profile"] = profile(base_label), profile(label)
             note += (f"; profiled kernel time by op: {label} {_ops(v['profile'])}; {base_label} "
-                     f"{_ops(base_profile)} (onnxruntime outside kernels {1e3 * v['profile']['ort_overhead_s']:.2f}"
-                     f" vs {1e3 * base_profile['ort_overhead_s']:.2f} ms per profiled step)")
+                     f"{_ops(base['profile'])} (onnxruntime outside kernels {1e3 * v['profile']['ort_overhead_s']:.2f}"
+                     f" vs {1e3 * base['profile']['ort_overhead_s']:.2f} ms per profiled step)")
         targets.append({"name": f"`{label}` ({precision}) decode <= {target}x `{base_label}`, guard passed",
                         "value": v["decode_vs_first"], "target": target, "met": fast and guarded, "note": note})
     return targets
@@ -326,10 +396,13 @@ def render_markdown(r: dict[str, Any], h: str) -> str:
     rows = []
     for label, v in r.get("variants", {}).items():
         ratios = v.get("decode_vs_first_rounds") or [v["decode_vs_first"]]
-        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 and label != next(iter(r["variants"])) else ""
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 and v.get("reference", label) != label else ""
+        if "decode_vs_plain" in v:
+            spread += f"; {v['decode_vs_plain']:.2f}x without"
         rows.append([f"`{label}`", v["precisions"]["decoder"], f"{ms(v['decode_s_per_token'])} ms",
                      f"{v['decode_vs_first']:.2f}x{spread}", f"{v['prefill_tokens_per_s']:.0f}",
-                     f"{ms(v['vision_s_per_image'])} ms", size(v["peak_rss_bytes"]), size(v["total_file_bytes"]),
+                     f"{ms(v['vision_s_per_image'])} ms", size(v["peak_rss_bytes"]), size(v.get("anon_huge_bytes", 0)),
+                     size(v["total_file_bytes"]),
                      f"{ms(v['floor_s'])} ms ({v['floor_ratio']:.2f}x)", _guard_cell(v.get("guard"))])
     bw = r.get("bandwidth", {})
     intro = (f"Batch 1, {r.get('threads')} threads, decode after a {r.get('prompt_tokens')}-token prefill "
@@ -338,8 +411,13 @@ def render_markdown(r: dict[str, Any], h: str) -> str:
              f"{bw.get('gb_s', 0.0):.1f} GB/s read. Each variant measured in its own process, in "
              f"{r.get('rounds', 1)} interleaved round(s); times are medians over the rounds, \"vs first\" the median "
              "of the rounds' ratios (their range in brackets), memory that of the last round.")
+    hp = r.get("hugepages")
+    if hp:
+        intro += (f" `+hp`: the same directory with {hp['tunable']} (THP mode `{hp['transparent_hugepage']}`, "
+                  f"{hp['libc']}), its ratio against the first variant's `+hp` run; the others with the tunable "
+                  "unset.")
     head = ["variant", "decoder", "decode / token", "vs first", "prefill tok/s", "vision / image", "peak RSS",
-            "graph bytes", "floor (measured/floor)", "guard (differences vs fp32)"]
+            "on huge pages", "graph bytes", "floor (measured/floor)", "guard (differences vs fp32)"]
     return f"{h} Precision variants\n\n{intro}\n\n{table(head, rows)}"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import cli
-from benchmarks.precision import combine_rounds, guard_numbers, parse_variants
+from benchmarks.precision import HUGEPAGES_TUNABLE, child_env, combine_rounds, guard_numbers, parse_variants
 from export.quantize import QuantizeConfig, quantize_artifacts, record_guard
 
 
@@ -120,3 +120,39 @@ def test_rounds_below_one_are_refused(variants: dict[str, Path], tmp_path: Path,
     rc = cli.run_bench(_args("--sections", "precision", "--rounds", "0", "--artifacts", str(variants["fp32"]),
                              "--out", str(tmp_path / "b")))
     assert rc == 2 and "--rounds must be >= 1" in capsys.readouterr().err
+
+
+def test_hugepages_measures_each_variant_both_ways(variants: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    rc = cli.run_bench(_args("--preset", "tiny", "--quick", "--repeats", "1", "--sections", "precision",
+                             "--hugepages", "--artifacts", str(variants["fp32"]), "--out", str(out),
+                             "--variants", f"fp32={variants['fp32']}", f"int4={variants['int4']}"))
+    assert rc == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "--hugepages" in results["command"]
+    section = results["sections"]["precision"]
+    assert list(section["variants"]) == ["fp32", "fp32+hp", "int4", "int4+hp"]
+    assert section["hugepages"]["tunable"] == f"GLIBC_TUNABLES={HUGEPAGES_TUNABLE}"
+    v = section["variants"]
+    assert [v[k]["reference"] for k in v] == ["fp32", "fp32+hp", "fp32", "fp32+hp"]
+    assert [v[k]["hugepages"] for k in v] == [False, True, False, True]
+    assert v["int4+hp"]["decode_vs_first"] == pytest.approx(
+        v["int4+hp"]["decode_s_per_token"] / v["fp32+hp"]["decode_s_per_token"], rel=1e-12)  # one round
+    assert v["int4+hp"]["decode_vs_plain"] == pytest.approx(
+        v["int4+hp"]["decode_s_per_token"] / v["int4"]["decode_s_per_token"], rel=1e-12)
+    for k in v:
+        assert v[k]["anon_huge_bytes"] >= 0
+    # one target per int4 run, each against its own fp32 reference
+    assert [t["name"].split(" decode")[0] for t in section["targets"]] == ["`int4` (int4)", "`int4+hp` (int4)"]
+    assert section["targets"][1]["name"].endswith("<= 0.3x `fp32+hp`, guard passed")
+    md = (out / "results.md").read_text()
+    assert "| `int4+hp` | int4 |" in md and "x without" in md
+
+
+def test_child_env_sets_or_removes_only_the_hugepage_tunable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0:glibc.cpu.x86_rep_movsb_threshold=4096")
+    assert child_env(True)["GLIBC_TUNABLES"] == f"glibc.cpu.x86_rep_movsb_threshold=4096:{HUGEPAGES_TUNABLE}"
+    assert child_env(False)["GLIBC_TUNABLES"] == "glibc.cpu.x86_rep_movsb_threshold=4096"
+    assert child_env(None)["GLIBC_TUNABLES"].startswith("glibc.malloc.hugetlb=0")
+    monkeypatch.setenv("GLIBC_TUNABLES", HUGEPAGES_TUNABLE)
+    assert "GLIBC_TUNABLES" not in child_env(False)
