@@ -88,6 +88,8 @@ class QuantizeConfig:
     """int4 cpu: MatMulNBits compute type of the activations (0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8)."""
     keep_lm_head: bool = False
     """Keep the decoder's LM head MatMul in fp32."""
+    int8_lm_head: bool = False
+    """int4 cpu: the decoder's LM head in dynamic int8 (MatMulInteger, per-tensor) instead of int4 blocks."""
     exclude: tuple[str, ...] = field(default_factory=tuple)
     """Further node names left in fp32."""
     calibration: int = DEFAULT_CALIBRATION
@@ -112,6 +114,11 @@ class QuantizeConfig:
             raise QuantizeError(f"--accuracy-level: must be in 0..4, got {self.accuracy_level}")
         if self.calibration < 1:
             raise QuantizeError(f"--calibration: must be >= 1, got {self.calibration}")
+        if self.int8_lm_head and (self.precision, self.format) != ("int4", "cpu"):
+            raise QuantizeError("--int8-lm-head: applies to --precision int4 --format cpu (an int8 variant's LM "
+                                "head is int8 already; --keep-lm-head keeps it fp32)")
+        if self.int8_lm_head and self.keep_lm_head:
+            raise QuantizeError("--int8-lm-head and --keep-lm-head: choose one precision for the LM head")
 
     def resolve_graphs(self, present: Sequence[str]) -> tuple[str, ...]:
         """The graphs to convert: the given ones, or the precision's default among those ``present``."""
@@ -247,11 +254,7 @@ def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: l
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         return
     if config.precision == "int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=exclude, use_external_data_format=big,
-                         extra_options={"MatMulConstBOnly": True})
+        _dynamic_int8(src, dst, big, exclude=exclude)
         return
     from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -263,6 +266,26 @@ def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: l
                                      quant_format=QuantFormat.QDQ if qdq else QuantFormat.QOperator)
     quantizer.process()
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=big)
+
+
+def _dynamic_int8(src: Path, dst: Path, big: bool, exclude: Sequence[str] = (),
+                  only: Sequence[str] | None = None) -> None:
+    """onnxruntime ``quantize_dynamic`` of the MatMuls with a constant weight (``only``: just these nodes)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=False, weight_type=QuantType.QInt8,
+                     nodes_to_quantize=list(only) if only is not None else None, nodes_to_exclude=list(exclude),
+                     use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
+
+
+def _int4_with_int8_head(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str], head: list[str],
+                         scratch: Path) -> None:
+    """int4 blocks for every weight MatMul but ``head`` (already in ``exclude``), then dynamic int8 for the
+    head alone; the int4 graph is written in ``scratch`` first, so dst's external data is named after dst."""
+    body = scratch / dst.name
+    _quantize_graph(src, body, config, exclude)
+    with _quiet_tooling():
+        _dynamic_int8(body, dst, src.stat().st_size > 1_800_000_000, only=head)
 
 
 def _check_qdq_source(src: Path, manifest: Any, graphs: Sequence[str], config: QuantizeConfig) -> None:
@@ -382,18 +405,28 @@ def quantize_artifacts(src: Path, out: Path, config: QuantizeConfig, *, force: b
                 entry = manifest.graphs[name]
                 bar.set_postfix_str(name)
                 exclude = list(config.exclude)
-                if name == "decoder" and config.keep_lm_head:
+                head: list[str] = []
+                if name == "decoder" and (config.keep_lm_head or config.int8_lm_head):
                     onnx_model = _onnx().load(str(src / entry.file), load_external_data=False)
-                    exclude += lm_head_nodes(onnx_model, manifest.decoder.vocab_size)
+                    head = lm_head_nodes(onnx_model, manifest.decoder.vocab_size)
+                    exclude += head
                 dst = tmp / entry.file
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                _quantize_graph(src / entry.file, dst, config, exclude, feeds.get(name), progress)
+                if config.int8_lm_head and head:
+                    with tempfile.TemporaryDirectory(prefix=".int4-body-", dir=tmp) as scratch:
+                        _int4_with_int8_head(src / entry.file, dst, config, exclude, head, Path(scratch))
+                else:
+                    _quantize_graph(src / entry.file, dst, config, exclude, feeds.get(name), progress)
                 if config.format == "qdq" and nonstandard_ops(dst):
                     raise QuantizeError(f"--format: the qdq {name} graph came out with non-standard ops "
                                         f"{', '.join(nonstandard_ops(dst))}")
                 ops = op_counts(dst)
-                quantized = {op: ops.get(op, 0) for op in QUANTIZED_OPS[(config.precision, config.format)]}
+                kinds = QUANTIZED_OPS[(config.precision, config.format)]
+                if config.int8_lm_head and head:
+                    kinds += QUANTIZED_OPS[("int8", "cpu")]
+                quantized = {op: ops.get(op, 0) for op in kinds}
                 settings = {**config.settings(), "excluded_nodes": exclude, "quantized_ops": quantized,
+                            **({"int8_nodes": head} if config.int8_lm_head else {}),
                             "bytes_before": (src / entry.file).stat().st_size, "bytes_after": dst.stat().st_size}
                 if name in feeds:
                     from export.calibration import describe

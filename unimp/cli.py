@@ -142,7 +142,7 @@ def _quantize(args: argparse.Namespace) -> int:
     graphs = None if args.graphs is None else tuple(g.strip() for g in args.graphs.split(",") if g.strip())
     config = QuantizeConfig(precision=args.precision, format=args.format, graphs=graphs, block_size=args.block_size,
                             accuracy_level=args.accuracy_level, keep_lm_head=args.keep_lm_head,
-                            calibration=args.calibration)
+                            int8_lm_head=args.int8_lm_head, calibration=args.calibration)
     try:
         config.validate()
         tasks = guard_tasks([t.strip() for t in args.guard_tasks.split(",") if t.strip()])
@@ -392,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: MatMulNBits activation compute type, 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
                         "(default: %(default)s, the fast one on x86)")
     p.add_argument("--keep-lm-head", action="store_true", help="keep the decoder's LM head MatMul in fp32")
+    p.add_argument("--int8-lm-head", action="store_true",
+                   help="int4 cpu: the decoder's LM head in dynamic int8 (MatMulInteger) instead of int4 blocks")
     p.add_argument("--threads", type=int, default=0, metavar="N",
                    help="guard: ONNX Runtime intra-op threads (default: 0, all physical cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -111,6 +111,32 @@ def test_keep_lm_head_leaves_only_the_lm_head_in_fp32(src: Path, tmp_path: Path)
     assert os.stat(out / "vision.onnx").st_ino == os.stat(src / "vision.onnx").st_ino
 
 
+def test_int8_lm_head_quantizes_the_head_to_int8_and_the_rest_to_int4(src: Path, fp32_runtime: Runtime,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "int4-head8"
+    quantize_artifacts(src, out, QuantizeConfig(precision="int4", graphs=("decoder",), int8_lm_head=True),
+                       progress=False)
+    manifest = load_manifest(out)
+    path = out / manifest.graphs["decoder"].file
+    ops = op_counts(path)
+    assert ops.get("MatMulNBits", 0) > 0 and ops.get("MatMulInteger") == 1, ops
+    assert _const_matmuls(path) == []
+    model = onnx.load(str(path))
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    (integer,) = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+    weight = next(i for i in integer.input if i in shapes and len(shapes[i]) == 2)
+    assert shapes[weight][-1] == manifest.decoder.vocab_size  # the LM head, and only it, is int8
+    settings = manifest.graphs["decoder"].extra["quantization"]
+    assert settings["int8_nodes"] == settings["excluded_nodes"] and len(settings["int8_nodes"]) == 1
+    assert settings["quantized_ops"]["MatMulInteger"] == 1 and settings["quantized_ops"]["MatMulNBits"] > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the int4 scratch graph is gone
+    rt = _open(out, tmp_path / "lat")
+    try:
+        assert_serves_every_task(rt, fp32_runtime, RATING_ATOL["int4"])
+    finally:
+        rt.close()
+
+
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_manifest_records_precision_settings_and_source(variants: dict[str, Path], src: Path,
                                                         precision: str) -> None:
@@ -191,6 +217,9 @@ def test_bad_settings_and_outputs_name_the_flag(src: Path, variants: dict[str, P
         (tmp_path / "a", QuantizeConfig(precision="int4", block_size=24), "--block-size: "),
         (tmp_path / "b", QuantizeConfig(precision="int4", accuracy_level=7), "--accuracy-level: "),
         (tmp_path / "c", QuantizeConfig(precision="int8", graphs=("unet",)), "--graphs: "),
+        (tmp_path / "e", QuantizeConfig(precision="int8", int8_lm_head=True), "--int8-lm-head: "),
+        (tmp_path / "f", QuantizeConfig(precision="int4", int8_lm_head=True, keep_lm_head=True),
+         "--int8-lm-head and --keep-lm-head: "),
     ]
     for out, config, prefix in cases:
         with pytest.raises(QuantizeError) as info:
