@@ -87,11 +87,10 @@ def graph_bytes(artifacts: Path) -> dict[str, int]:
     return out
 
 
-def _status_bytes(key: str) -> int:
-    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``: the peak RSS of this process image; unlike
-    getrusage's ru_maxrss it does not inherit the parent's peak across fork + exec), 0 off Linux."""
+def _proc_bytes(path: str, key: str) -> int:
+    """One ``KEY: N kB`` line of a ``/proc/self`` file in bytes, 0 off Linux or when absent."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
                 if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
@@ -100,20 +99,19 @@ def _status_bytes(key: str) -> int:
     return 0
 
 
+def _status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``: the peak RSS of this process image; unlike
+    getrusage's ru_maxrss it does not inherit the parent's peak across fork + exec), 0 off Linux."""
+    return _proc_bytes("/proc/self/status", key)
+
+
 def _rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
 def _anon_huge_bytes() -> int:
     """Anonymous memory of this process on transparent huge pages (``/proc/self/smaps_rollup``), 0 off Linux."""
-    try:
-        with open("/proc/self/smaps_rollup") as handle:
-            for line in handle:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_bytes("/proc/self/smaps_rollup", "AnonHugePages")
 
 
 def hugepage_facts() -> dict[str, str]:

@@ -218,6 +218,11 @@ def const_weight_nodes(model: Any, op_types: Sequence[str]) -> list[str]:
             if n.op_type in op_types and len(n.input) > 1 and n.input[1] in weights]
 
 
+def _external_data(src: Path) -> bool:
+    """Whether a graph written from ``src`` keeps its weights in an external file (protobuf's 2 GB limit)."""
+    return src.stat().st_size > 1_800_000_000
+
+
 def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str],
                     feeds: Sequence[dict[str, Any]] | None = None, progress: bool = False) -> None:
     with _quiet_tooling():
@@ -227,7 +232,7 @@ def _quantize_graph(src: Path, dst: Path, config: QuantizeConfig, exclude: list[
 def _quantize_graph_now(src: Path, dst: Path, config: QuantizeConfig, exclude: list[str],
                         feeds: Sequence[dict[str, Any]] | None, progress: bool) -> None:
     onnx = _onnx()
-    big = src.stat().st_size > 1_800_000_000
+    big = _external_data(src)
     if config.precision == "fp16":
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -285,7 +290,7 @@ def _int4_with_int8_head(src: Path, dst: Path, config: QuantizeConfig, exclude: 
     body = scratch / dst.name
     _quantize_graph(src, body, config, exclude)
     with _quiet_tooling():
-        _dynamic_int8(body, dst, src.stat().st_size > 1_800_000_000, only=head)
+        _dynamic_int8(body, dst, _external_data(src), only=head)
 
 
 def _check_qdq_source(src: Path, manifest: Any, graphs: Sequence[str], config: QuantizeConfig) -> None:
